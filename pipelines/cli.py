@@ -1,0 +1,63 @@
+"""`vitpose` command line: one subcommand per stage.
+
+Each command module exposes `register(subparsers)` which adds its parser and sets
+`func=<callable(args) -> int>`; the modules are imported lazily so `vitpose --help` stays fast and
+`vitpose predict` does not pay for importing Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# subcommand name -> module providing `register(subparsers)`
+COMMANDS: dict[str, str] = {
+    "predict": "pipelines.commands.predict",
+    "eval": "pipelines.commands.evaluate",
+    "convert": "pipelines.commands.convert",
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vitpose", description="ViTPose on Ray: data -> train -> tune -> serve")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module_name in COMMANDS.items():
+        if only is not None and name != only:
+            # still list it in --help without importing its module
+            subparsers.add_parser(name, help=f"(run `vitpose {name} --help`)")
+            continue
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name and error.name.startswith("pipelines.commands"):
+                continue  # command not built yet
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(only=command if command in COMMANDS else None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as error:
+        # user errors (bad config, missing file, bad checkpoint) print one clear line, not a traceback
+        if args.verbose:
+            raise
+        print(f"vitpose {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
