@@ -77,10 +77,26 @@ AIC = KeypointSet(
     upper_body=(0, 1, 2, 3, 4, 5, 12, 13),
 )
 
+CROWDPOSE = KeypointSet(
+    name="crowdpose",
+    names=(
+        "left_shoulder", "right_shoulder", "left_elbow", "right_elbow", "left_wrist", "right_wrist",
+        "left_hip", "right_hip", "left_knee", "right_knee", "left_ankle", "right_ankle", "top_head", "neck",
+    ),
+    flip_pairs=((0, 1), (2, 3), (4, 5), (6, 7), (8, 9), (10, 11)),
+    skeleton=(
+        (12, 13), (13, 0), (13, 1), (0, 2), (2, 4), (1, 3), (3, 5), (13, 6), (13, 7), (6, 8), (8, 10),
+        (7, 9), (9, 11),
+    ),
+    # CrowdPose's OKS constants (crowdposetools / mmpose crowdpose.py)
+    sigmas=(0.079, 0.079, 0.072, 0.072, 0.062, 0.062, 0.107, 0.107, 0.087, 0.087, 0.089, 0.089, 0.079, 0.079),
+    upper_body=(0, 1, 2, 3, 4, 5, 12, 13),
+)
+
 # AIC limb joint i (0..11) is COCO keypoint AIC_TO_COCO[i]; head_top and neck have no COCO twin.
 AIC_TO_COCO: tuple[int, ...] = (6, 8, 10, 5, 7, 9, 12, 14, 16, 11, 13, 15)
 
-KEYPOINT_SETS: dict[str, KeypointSet] = {"coco": COCO, "aic": AIC}
+KEYPOINT_SETS: dict[str, KeypointSet] = {"coco": COCO, "aic": AIC, "crowdpose": CROWDPOSE}
 
 
 def get_keypoint_set(name: str) -> KeypointSet:

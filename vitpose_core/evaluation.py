@@ -1,0 +1,220 @@
+"""COCO keypoint evaluation (pycocotools) with ViTPose's top-down rescoring and OKS-NMS.
+
+Top-down evaluation as in the official ViTPose / mmpose `TopDownCocoDataset.evaluate`:
+
+1. every person box (ground truth, or a detector's above a score threshold) gets K keypoints
+   (x, y, s) in image pixels;
+2. rescoring: instance score = box score x mean of its keypoint scores s > 0.2 (0 if none);
+3. OKS-NMS per image at OKS 0.9, with each instance's area = its padded crop area (sw * sh);
+4. COCOeval(iouType="keypoints") with the OKS sigmas of the keypoint set.
+
+Annotation files that lack `area` or `iscrowd` (AIC, CrowdPose conversions) get area = box w * h and
+iscrowd = 0, so pycocotools can evaluate them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from .keypoints import KEYPOINT_SETS, KeypointSet
+
+STAT_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
+KEYPOINT_SCORE_THRESHOLD = 0.2
+OKS_NMS_THRESHOLD = 0.9
+
+
+@dataclass
+class PersonPrediction:
+    """One top-down prediction: keypoints [K, 3] (x, y, score) in image pixels for one person box."""
+
+    image_id: int
+    keypoints: np.ndarray
+    box_score: float = 1.0
+    area: float = 0.0  # crop area sw * sh, used by OKS-NMS
+    category_id: int = 1
+
+
+def _read_json(source: str | Path | dict | list, what: str) -> dict | list:
+    if isinstance(source, dict | list):
+        return copy.deepcopy(source)
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{what} file {path} is not valid JSON: {error}") from None
+
+
+def load_ground_truth(annotations: str | Path | dict) -> COCO:
+    """A pycocotools COCO index of a keypoint annotation file, with missing `area`/`iscrowd`/`num_keypoints` filled."""
+    data = _read_json(annotations, "annotations")
+    if not isinstance(data, dict) or not {"images", "annotations", "categories"} <= data.keys():
+        raise ValueError("annotations must be a COCO dict with 'images', 'annotations' and 'categories'")
+    for ann in data["annotations"]:
+        if "bbox" not in ann or "keypoints" not in ann:
+            raise ValueError(f"annotation {ann.get('id')} lacks 'bbox' or 'keypoints'")
+        ann.setdefault("area", float(ann["bbox"][2] * ann["bbox"][3]))
+        ann.setdefault("iscrowd", 0)
+        ann.setdefault("num_keypoints", int(np.count_nonzero(np.asarray(ann["keypoints"])[2::3] > 0)))
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
+        coco.createIndex()
+    return coco
+
+
+def infer_keypoint_set(coco: COCO, name: str | None = None) -> KeypointSet:
+    """The keypoint set of the person category: `name` if given, else matched on the category's keypoint names."""
+    if name is not None:
+        if name not in KEYPOINT_SETS:
+            raise ValueError(f"unknown keypoint set {name!r}; known: {sorted(KEYPOINT_SETS)}")
+        return KEYPOINT_SETS[name]
+    categories = coco.dataset["categories"]
+    names = categories[0].get("keypoints", []) if categories else []
+    normalised = [str(n).lower().replace(" ", "_") for n in names]
+    for keypoint_set in KEYPOINT_SETS.values():
+        if len(normalised) == keypoint_set.num_keypoints and normalised[:12] == list(keypoint_set.names[:12]):
+            return keypoint_set
+    raise ValueError(f"cannot tell the keypoint set from the category keypoints {names}; "
+                     f"pass one of {sorted(KEYPOINT_SETS)}")
+
+
+def ground_truth_boxes(coco: COCO) -> dict[int, list[tuple[list[float], float]]]:
+    """image_id -> [(box xywh, score 1.0)] for annotated persons, boxes clipped to the image (mmpose 1.x)."""
+    boxes: dict[int, list[tuple[list[float], float]]] = {image_id: [] for image_id in coco.getImgIds()}
+    for ann in coco.dataset["annotations"]:
+        if max(ann["keypoints"]) <= 0:
+            continue  # nothing to evaluate on this person (official pipeline skips it too)
+        info = coco.imgs[ann["image_id"]]
+        x, y, w, h = ann["bbox"]
+        x1, x2 = np.clip([x, x + w], 0, info["width"] - 1)
+        y1, y2 = np.clip([y, y + h], 0, info["height"] - 1)
+        if x2 > x1 and y2 > y1:
+            boxes[ann["image_id"]].append(([float(x1), float(y1), float(x2 - x1), float(y2 - y1)], 1.0))
+    return boxes
+
+
+def load_detections(detections: str | Path | list, score_threshold: float = 0.0, category_id: int = 1,
+                    image_ids: Iterable[int] | None = None) -> dict[int, list[tuple[list[float], float]]]:
+    """A COCO detection-results file -> image_id -> [(box xywh, score)] above `score_threshold`."""
+    records = _read_json(detections, "detections")
+    if not isinstance(records, list):
+        raise ValueError("detections must be a COCO results list of {image_id, category_id, bbox, score}")
+    wanted = None if image_ids is None else set(image_ids)
+    boxes: dict[int, list[tuple[list[float], float]]] = defaultdict(list)
+    for record in records:
+        missing = {"image_id", "bbox", "score"} - record.keys()
+        if missing:
+            raise ValueError(f"detection {record} lacks {sorted(missing)}")
+        if record.get("category_id", category_id) != category_id or record["score"] < score_threshold:
+            continue
+        if wanted is not None and record["image_id"] not in wanted:
+            continue
+        x, y, w, h = (float(v) for v in record["bbox"])
+        if w > 0 and h > 0:
+            boxes[record["image_id"]].append(([x, y, w, h], float(record["score"])))
+    return dict(boxes)
+
+
+def oks_iou(keypoints: np.ndarray, others: np.ndarray, area: float, other_areas: np.ndarray,
+            sigmas: np.ndarray) -> np.ndarray:
+    """OKS between keypoints [K, 3] and others [M, K, 3] (mmpose `oks_iou`, all keypoints counted)."""
+    variances = (2 * sigmas) ** 2
+    squared = ((others[..., :2] - keypoints[None, :, :2]) ** 2).sum(-1)  # (M, K)
+    scale = (area + other_areas)[:, None] / 2 + np.spacing(1)
+    return np.exp(-squared / variances / scale / 2).mean(axis=1)
+
+
+def oks_nms(keypoints: np.ndarray, scores: np.ndarray, areas: np.ndarray, sigmas: np.ndarray,
+            threshold: float = OKS_NMS_THRESHOLD) -> list[int]:
+    """Greedy NMS on keypoints [N, K, 3]: drop instances whose OKS with a better one exceeds `threshold`."""
+    order = list(np.argsort(-np.asarray(scores), kind="stable"))
+    keep: list[int] = []
+    while order:
+        best, rest = order[0], np.array(order[1:], dtype=np.int64)
+        keep.append(int(best))
+        if len(rest) == 0:
+            break
+        overlap = oks_iou(keypoints[best], keypoints[rest], areas[best], areas[rest], sigmas)
+        order = list(rest[overlap <= threshold])
+    return keep
+
+
+def rescore_and_nms(predictions: Sequence[PersonPrediction], sigmas: np.ndarray,
+                    keypoint_score_threshold: float = KEYPOINT_SCORE_THRESHOLD,
+                    nms_threshold: float | None = OKS_NMS_THRESHOLD) -> list[dict]:
+    """Official top-down post-processing -> COCO results dicts {image_id, category_id, keypoints, score}."""
+    by_image: dict[int, list[tuple[PersonPrediction, float]]] = defaultdict(list)
+    for prediction in predictions:
+        keypoint_scores = prediction.keypoints[:, 2]
+        confident = keypoint_scores[keypoint_scores > keypoint_score_threshold]
+        mean_score = float(confident.mean()) if len(confident) else 0.0
+        by_image[prediction.image_id].append((prediction, prediction.box_score * mean_score))
+    results = []
+    for image_id, items in by_image.items():
+        scores = np.array([score for _, score in items])
+        keep = range(len(items))
+        if nms_threshold is not None:
+            keypoints = np.stack([p.keypoints for p, _ in items])
+            areas = np.array([p.area for p, _ in items], dtype=np.float64)
+            keep = oks_nms(keypoints, scores, areas, sigmas, nms_threshold)
+        for index in keep:
+            prediction, score = items[index]
+            results.append({"image_id": int(image_id), "category_id": prediction.category_id,
+                            "keypoints": np.asarray(prediction.keypoints, np.float64).reshape(-1).tolist(),
+                            "score": float(score)})
+    return results
+
+
+def evaluate_keypoints(ground_truth: COCO, results: str | Path | list[dict], sigmas: np.ndarray,
+                       verbose: bool = False) -> dict[str, float]:
+    """COCO keypoint metrics (AP, AP50, AP75, APm, APl, AR, AR50, AR75, ARm, ARl) of `results`."""
+    records = _read_json(results, "predictions")
+    if not isinstance(records, list):
+        raise ValueError("predictions must be a COCO results list of {image_id, category_id, keypoints, score}")
+    num_keypoints = len(sigmas)
+    known_images = set(ground_truth.getImgIds())
+    for record in records:
+        missing = {"image_id", "keypoints", "score"} - record.keys()
+        if missing:
+            raise ValueError(f"prediction for image {record.get('image_id')} lacks {sorted(missing)}")
+        if len(record["keypoints"]) != 3 * num_keypoints:
+            raise ValueError(f"prediction for image {record['image_id']} has {len(record['keypoints'])} keypoint "
+                             f"values, expected {3 * num_keypoints} ({num_keypoints} keypoints x 3)")
+        if record["image_id"] not in known_images:
+            raise ValueError(f"prediction for image {record['image_id']} which the annotations do not contain")
+        record.setdefault("category_id", 1)
+    if not records:
+        return dict.fromkeys(STAT_NAMES, 0.0)
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        detections = ground_truth.loadRes(records)
+        coco_eval = COCOeval(ground_truth, detections, "keypoints")
+        coco_eval.params.useSegm = None
+        coco_eval.params.kpt_oks_sigmas = np.asarray(sigmas, dtype=np.float64)
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    if verbose:
+        print(output.getvalue())
+    # pycocotools reports -1 where a bucket is empty (e.g. no medium persons); keep it, it is not 0 AP
+    return {name: float(value) for name, value in zip(STAT_NAMES, coco_eval.stats, strict=True)}
+
+
+def evaluate_prediction_file(annotations: str | Path | dict, predictions: str | Path | list[dict],
+                             keypoint_set: str | None = None) -> dict[str, float]:
+    """Evaluate a finished COCO keypoint results file (scores used as they are; no rescoring or NMS)."""
+    ground_truth = load_ground_truth(annotations)
+    return evaluate_keypoints(ground_truth, predictions, infer_keypoint_set(ground_truth, keypoint_set).sigmas_array())

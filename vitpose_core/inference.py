@@ -1,0 +1,197 @@
+"""Top-down inference in three batchable steps: crop, run the model, decode to image pixels.
+
+The steps are separate so a server can `prepare_crops` per request, concatenate crops from many
+requests into one `run_model` call, and `decode_to_image` each request's slice:
+
+    crops, crop_to_image = prepare_crops(image, boxes, input_size)  # [P, 3, h, w], [P, 2, 3]
+    heatmaps = run_model(model, crops, flip_test=True, flip_index=keypoint_set.flip_index)
+    keypoints = decode_to_image(heatmaps, crop_to_image, codec)  # [P, K, 3] (x, y, score)
+
+`input_size` is (w, h) here as in the codec; the model config's `img_size` is (H, W).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .codec import UDPHeatmapCodec, flip_heatmaps
+from .geometry import (
+    DEFAULT_PADDING,
+    box_xywh_to_center_scale,
+    invert_affine,
+    transform_points,
+    udp_warp_matrix,
+    warp_image,
+)
+from .keypoints import KEYPOINT_SETS, KeypointSet
+
+# ImageNet statistics on RGB in [0, 255], the normalisation every ViTPose checkpoint was trained with
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32) * 255
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32) * 255
+
+
+def whole_image_box(image: np.ndarray) -> np.ndarray:
+    """The box [1, 4] (x, y, w, h) covering the whole image: the default person box."""
+    return np.array([[0.0, 0.0, float(image.shape[1]), float(image.shape[0])]])
+
+
+def prepare_crops(image_rgb_uint8: np.ndarray, boxes_xywh: np.ndarray, input_size: Sequence[int],
+                  padding: float = DEFAULT_PADDING) -> tuple[torch.Tensor, np.ndarray]:
+    """Cut and normalise one crop per box.
+
+    Args:
+        image_rgb_uint8: [H, W, 3] uint8 RGB image.
+        boxes_xywh: [P, 4] person boxes (x, y, w, h) in image pixels.
+        input_size: (w, h) of the model input.
+        padding: box enlargement for context (1.25 as in ViTPose).
+
+    Returns:
+        crops: float32 tensor [P, 3, h, w], ImageNet-normalised RGB.
+        crop_to_image: float64 [P, 2, 3] affines from crop pixels back to image pixels.
+    """
+    image = np.asarray(image_rgb_uint8)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be an RGB uint8 array [H, W, 3], got {image.dtype} {image.shape}")
+    boxes = np.asarray(boxes_xywh, dtype=np.float64).reshape(-1, 4) if len(boxes_xywh) else np.zeros((0, 4))
+    width, height = int(input_size[0]), int(input_size[1])
+    if len(boxes) == 0:
+        return torch.zeros(0, 3, height, width), np.zeros((0, 2, 3))
+    centers, scales = box_xywh_to_center_scale(boxes, width / height, padding)
+    crops = np.empty((len(boxes), height, width, 3), dtype=np.float32)
+    crop_to_image = np.empty((len(boxes), 2, 3))
+    for i, (center, scale) in enumerate(zip(centers, scales, strict=True)):
+        image_to_crop = udp_warp_matrix(center, scale, 0.0, (width, height))
+        crops[i] = warp_image(image, image_to_crop, (width, height))
+        crop_to_image[i] = invert_affine(image_to_crop)
+    crops = (crops - IMAGENET_MEAN) / IMAGENET_STD
+    return torch.from_numpy(crops).permute(0, 3, 1, 2).contiguous(), crop_to_image  # (P, h, w, 3) -> (P, 3, h, w)
+
+
+@torch.inference_mode()
+def run_model(model: nn.Module, crops: torch.Tensor, flip_test: bool = False,
+              flip_index: Sequence[int] | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Heatmaps [P, K, h/4, w/4] (float32, on the CPU) of crops [P, 3, h, w].
+
+    With `flip_test`, the mirrored crops run in the same forward pass (batch 2P) and their heatmaps,
+    mirrored back with left/right channels swapped, are averaged in. `dtype` (bf16/fp16) runs the
+    model under autocast on its device.
+    """
+    if crops.ndim != 4 or crops.shape[1] != 3:
+        raise ValueError(f"crops must be [P, 3, h, w], got {tuple(crops.shape)}")
+    if flip_test and flip_index is None:
+        raise ValueError("flip_test needs the keypoint set's flip_index")
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    count = crops.shape[0]
+    batch = torch.cat([crops, crops.flip(-1)]) if flip_test else crops
+    batch = batch.to(device)
+    if dtype is not None and dtype != torch.float32:
+        with torch.autocast(device_type=device.type, dtype=dtype):
+            heatmaps = model(batch)
+    else:
+        heatmaps = model(batch)
+    heatmaps = heatmaps.float().cpu()
+    if flip_test:
+        heatmaps = (heatmaps[:count] + flip_heatmaps(heatmaps[count:], flip_index)) / 2
+    return heatmaps
+
+
+def decode_to_image(heatmaps: torch.Tensor | np.ndarray, crop_to_image: np.ndarray,
+                    codec: UDPHeatmapCodec) -> np.ndarray:
+    """Heatmaps [P, K, H, W] + crop->image affines [P, 2, 3] -> keypoints [P, K, 3] (x, y, score) in image pixels."""
+    crop_to_image = np.asarray(crop_to_image, dtype=np.float64)
+    if len(heatmaps) != len(crop_to_image):
+        raise ValueError(f"{len(heatmaps)} heatmaps but {len(crop_to_image)} crop_to_image affines")
+    if len(heatmaps) == 0:
+        return np.zeros((0, 0, 3))
+    keypoints, scores = codec.decode(heatmaps)
+    keypoints = transform_points(keypoints, crop_to_image)
+    return np.concatenate([keypoints, scores[..., None].astype(np.float64)], axis=-1)
+
+
+def model_input_size(model: nn.Module) -> tuple[int, int]:
+    """(w, h) from a model whose `config.img_size` is (H, W)."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "img_size"):
+        raise ValueError("model has no config.img_size; pass input_size explicitly")
+    height, width = config.img_size
+    return int(width), int(height)
+
+
+class TopDownPredictor:
+    """Keypoints for person boxes in one image, with a model that returns heatmaps.
+
+    Args:
+        model: returns heatmaps [N, K, h/4, w/4] for normalised crops [N, 3, h, w].
+        keypoint_set: defaults to the model's `config.keypoint_set`.
+        input_size: (w, h); defaults to the model's `config.img_size` (H, W) swapped.
+        flip_test: average with the mirrored crop's heatmaps.
+        dtype: autocast dtype (e.g. torch.bfloat16), None for float32.
+        batch_size: crops per forward pass.
+    """
+
+    def __init__(self, model: nn.Module, keypoint_set: KeypointSet | None = None,
+                 input_size: Sequence[int] | None = None, flip_test: bool = False,
+                 dtype: torch.dtype | None = None, batch_size: int = 32, padding: float = DEFAULT_PADDING) -> None:
+        if keypoint_set is None:
+            name = getattr(getattr(model, "config", None), "keypoint_set", None)
+            if name not in KEYPOINT_SETS:
+                raise ValueError("model has no known config.keypoint_set; pass keypoint_set")
+            keypoint_set = KEYPOINT_SETS[name]
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model.eval()
+        self.keypoint_set = keypoint_set
+        self.input_size = tuple(input_size) if input_size is not None else model_input_size(model)
+        self.codec = UDPHeatmapCodec(self.input_size)
+        self.flip_test = flip_test
+        self.dtype = dtype
+        self.batch_size = batch_size
+        self.padding = padding
+
+    def predict(self, image_rgb_uint8: np.ndarray, boxes_xywh: np.ndarray | None = None) -> np.ndarray:
+        """Keypoints [P, K, 3] (x, y, score) in image pixels; no boxes means one box over the whole image."""
+        boxes = whole_image_box(image_rgb_uint8) if boxes_xywh is None else np.asarray(boxes_xywh, np.float64)
+        crops, crop_to_image = prepare_crops(image_rgb_uint8, boxes, self.input_size, self.padding)
+        if len(crops) == 0:
+            return np.zeros((0, self.keypoint_set.num_keypoints, 3))
+        outputs = []
+        for start in range(0, len(crops), self.batch_size):
+            heatmaps = run_model(self.model, crops[start:start + self.batch_size], self.flip_test,
+                                 self.keypoint_set.flip_index, self.dtype)
+            outputs.append(decode_to_image(heatmaps, crop_to_image[start:start + self.batch_size], self.codec))
+        return np.concatenate(outputs)
+
+    def crop_areas(self, boxes_xywh: np.ndarray) -> np.ndarray:
+        """Padded crop areas sw * sh [P] of boxes [P, 4], the instance areas OKS-NMS uses."""
+        _, scales = box_xywh_to_center_scale(np.asarray(boxes_xywh, np.float64).reshape(-1, 4),
+                                             self.input_size[0] / self.input_size[1], self.padding)
+        return scales.prod(axis=1)
+
+
+def predict_dataset(predictor: TopDownPredictor, image_paths: dict[int, str],
+                    boxes_by_image: dict[int, list[tuple[list[float], float]]]) -> list:
+    """Run `predictor` over images: image_id -> path, image_id -> [(box xywh, box score)].
+
+    Returns `evaluation.PersonPrediction`s ready for `evaluation.rescore_and_nms`.
+    """
+    import cv2
+
+    from .evaluation import PersonPrediction
+
+    predictions = []
+    for image_id, items in boxes_by_image.items():
+        if not items:
+            continue
+        image_bgr = cv2.imread(str(image_paths[image_id]), cv2.IMREAD_COLOR)
+        if image_bgr is None:
+            raise FileNotFoundError(f"cannot read image {image_paths[image_id]} (image_id {image_id})")
+        boxes = np.array([box for box, _ in items], dtype=np.float64)
+        keypoints = predictor.predict(cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB), boxes)
+        for person, area, (_, box_score) in zip(keypoints, predictor.crop_areas(boxes), items, strict=True):
+            predictions.append(PersonPrediction(int(image_id), person, float(box_score), float(area)))
+    return predictions
