@@ -17,6 +17,8 @@ COMMANDS: dict[str, str] = {
     "predict": "pipelines.commands.predict",
     "eval": "pipelines.commands.evaluate",
     "convert": "pipelines.commands.convert",
+    "shard": "pipelines.commands.shard",
+    "synth": "pipelines.commands.synth",
 }
 
 

@@ -1,0 +1,237 @@
+"""Reading side of the shards: a Ray Dataset, and per-worker streams of augmented training batches.
+
+One shard set serves every input resolution: crops are stored once at a canonical size with context
+(pipelines/crops.py); the stream decodes each JPEG, samples flip / half-body / scale / rotation,
+warps once to the chosen input size (vitpose_core.augment) and encodes UDP heatmap targets
+(vitpose_core.codec). It runs in the process that consumes it, so the same code serves:
+
+- a Ray Train worker:   `iter_pose_batches(ray.train.get_dataset_shard("train"), config, ...)`
+- a Ray Dataset:        `iter_pose_batches(read_shards(uri, split="val"), config, ...)`
+- no Ray at all:        `iter_pose_batches("s3://bucket/shards", config, split="train", ...)`
+
+Batches are dicts of torch tensors (B = batch, K = keypoints, (W, H) = input size):
+
+    image          [B, 3, H, W] float32  RGB, normalised with ImageNet mean / std
+    target         [B, K, H/4, W/4] float32  UDP Gaussian heatmaps
+    target_weight  [B, K] float32        1 for labelled keypoints that land on the heatmap
+    keypoints      [B, K, 3] float32     (x, y, v) in input pixels, after augmentation
+    crop_to_input  [B, 2, 3] float32     stored crop px -> input px (includes the mirror on a flip)
+    crop_to_image  [B, 2, 3] float32     stored crop px -> original image px
+    input_to_image [B, 2, 3] float32     input px -> original image px: maps decoded predictions back
+    image_id, ann_id [B] int64;  bbox [B, 4] float32 (x, y, w, h);  area [B] float32
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from pydantic import Field
+
+from pipelines import storage
+from pipelines.config import StrictConfig
+from vitpose_core.augment import NO_AUGMENT, AugmentConfig, augment_top_down
+from vitpose_core.codec import UDPHeatmapCodec
+from vitpose_core.geometry import compose_affine, fix_aspect_ratio, invert_affine
+from vitpose_core.keypoints import AIC, COCO, aic_to_coco
+
+IMAGENET_MEAN_RGB = np.array([0.485, 0.456, 0.406], np.float32) * 255.0
+IMAGENET_STD_RGB = np.array([0.229, 0.224, 0.225], np.float32) * 255.0
+SHARDS_DIR = "shards"  # under the shard stage's output URI (pipelines/shard.py)
+
+
+class StreamConfig(StrictConfig):
+    """How shard rows become model batches. Augmentation defaults follow ViTPose's COCO recipe."""
+
+    input_size: tuple[int, int] = Field((192, 256), description="model input (W, H)")
+    heatmap_stride: int = Field(4, ge=1)
+    sigma: float = Field(2.0, gt=0)
+    keypoints: Literal["coco", "aic"] = Field(
+        "coco", description="output layout: 'coco' (17; AIC rows mapped onto COCO's limbs) or 'aic' (14, AIC rows only)")
+    augment: bool = Field(True, description="False: plain evaluation crops (no flip, scale, rotation)")
+    flip_prob: float = Field(0.5, ge=0, le=1)
+    half_body_prob: float = Field(0.3, ge=0, le=1)
+    scale_factor: float = Field(0.35, ge=0, lt=1)
+    rotation_factor: float = Field(40.0, ge=0)
+    rotation_prob: float = Field(0.6, ge=0, le=1)
+
+    @property
+    def heatmap_size(self) -> tuple[int, int]:
+        return self.input_size[0] // self.heatmap_stride, self.input_size[1] // self.heatmap_stride
+
+    def augment_config(self) -> AugmentConfig:
+        if not self.augment:
+            return NO_AUGMENT
+        return AugmentConfig(flip_prob=self.flip_prob, half_body_prob=self.half_body_prob,
+                             scale_factor=self.scale_factor, rotation_factor=self.rotation_factor,
+                             rotation_prob=self.rotation_prob)
+
+
+def shard_files(uri: str) -> list[str]:
+    """The Parquet files of a shard set (`uri` is the shard stage's output or its shards/ folder)."""
+    uri = storage.normalize(uri)
+    files = storage.list_files(storage.join(uri, SHARDS_DIR), suffix=".parquet") or \
+        storage.list_files(uri, suffix=".parquet")
+    if not files:
+        raise FileNotFoundError(f"no Parquet shards under {uri} (expected {storage.join(uri, SHARDS_DIR)}/*.parquet)")
+    return files
+
+
+def _row_filter(split: str | None, datasets: Iterable[str] | None) -> pc.Expression | None:
+    expression = None
+    if split is not None:
+        expression = pc.field("split") == split
+    if datasets is not None:
+        wanted = pc.field("dataset").isin(list(datasets))
+        expression = wanted if expression is None else expression & wanted
+    return expression
+
+
+def read_shards(uri: str, *, split: str | None = None, datasets: Iterable[str] | None = None,
+                columns: list[str] | None = None, **read_parquet_args: Any):
+    """The shard set at `uri` as a `ray.data.Dataset`, optionally only one split / some datasets."""
+    import ray
+
+    files = shard_files(uri)
+    fs, _ = storage.filesystem_and_path(files[0])
+    paths = [storage.filesystem_and_path(f)[1] for f in files]
+    dataset = ray.data.read_parquet(paths, filesystem=fs, columns=columns, **read_parquet_args)
+    expression = _row_filter(split, datasets)
+    return dataset if expression is None else dataset.filter(expr=expression)
+
+
+def iter_shard_tables(uri: str, *, batch_size: int, split: str | None = None, datasets: Iterable[str] | None = None,
+                      shuffle: bool = False, seed: int = 0, shuffle_buffer: int = 1024) -> Iterator[pa.Table]:
+    """Stream rows of a shard set as Arrow tables of `batch_size` rows, without Ray.
+
+    Files are read one row group at a time, so memory stays at about `shuffle_buffer` rows. With
+    `shuffle`, file order and a rolling buffer of rows are permuted with `seed`.
+    """
+    rng = np.random.default_rng(seed)
+    files = shard_files(uri)
+    if shuffle:
+        files = [files[i] for i in rng.permutation(len(files))]
+    expression = _row_filter(split, datasets)
+
+    def tables() -> Iterator[pa.Table]:
+        for uri_ in files:
+            fs, path = storage.filesystem_and_path(uri_)
+            with fs.open_input_file(path) as handle:
+                for record_batch in pq.ParquetFile(handle).iter_batches(batch_size=max(batch_size, 64)):
+                    table = pa.Table.from_batches([record_batch])
+                    yield table if expression is None else table.filter(expression)
+
+    buffer: pa.Table | None = None
+    limit = max(shuffle_buffer, batch_size) if shuffle else batch_size
+    for table in tables():
+        buffer = table if buffer is None else pa.concat_tables([buffer, table])
+        while buffer.num_rows >= limit:
+            if shuffle:
+                buffer = buffer.take(rng.permutation(buffer.num_rows))
+            yield buffer.slice(0, batch_size)
+            buffer = buffer.slice(batch_size)
+    if buffer is not None and buffer.num_rows:
+        if shuffle:
+            buffer = buffer.take(rng.permutation(buffer.num_rows))
+        for start in range(0, buffer.num_rows, batch_size):
+            yield buffer.slice(start, batch_size)
+
+
+class PoseBatchTransform:
+    """Arrow table of shard rows -> dict of numpy arrays (the keys in the module docstring).
+
+    Callable on any worker; holds a numpy Generator so successive calls draw fresh augmentations.
+    """
+
+    def __init__(self, config: StreamConfig, rng: np.random.Generator | None = None) -> None:
+        self.config = config
+        self.augment = config.augment_config()
+        self.keypoint_set = COCO if config.keypoints == "coco" else AIC
+        self.codec = UDPHeatmapCodec(config.input_size, config.heatmap_size, config.sigma)
+        self.rng = rng or np.random.default_rng(0)
+
+    def _keypoints(self, flat: list[list[float]], dataset: str) -> np.ndarray:
+        keypoints = np.asarray(flat, np.float64).reshape(-1, 3)
+        if dataset == "aic" and self.config.keypoints == "coco":
+            return aic_to_coco(keypoints)
+        if keypoints.shape[0] != self.keypoint_set.num_keypoints:
+            raise ValueError(f"a {dataset!r} row has {keypoints.shape[0]} keypoints; the stream was "
+                             f"configured for the {self.config.keypoints!r} layout ({self.keypoint_set.num_keypoints})")
+        return keypoints
+
+    def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
+        cv2.setNumThreads(1)
+        cols = {name: table.column(name).to_pylist() for name in
+                ("keypoints", "crop_to_image", "person_center", "person_scale", "dataset")}
+        aspect = self.config.input_size[0] / self.config.input_size[1]
+        out: dict[str, list[Any]] = {k: [] for k in ("image", "target", "target_weight", "keypoints",
+                                                     "crop_to_input", "crop_to_image", "input_to_image")}
+        for i, jpeg in enumerate(table.column("image").to_pylist()):
+            crop = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+            if crop is None:
+                raise ValueError(f"row {i} (ann_id {table.column('ann_id')[i]}) holds an undecodable crop")
+            keypoints = self._keypoints(cols["keypoints"][i], cols["dataset"][i])
+            scale = fix_aspect_ratio(np.asarray(cols["person_scale"][i]), aspect)
+            sample = augment_top_down(crop, keypoints[:, :2], keypoints[:, 2], cols["person_center"][i], scale,
+                                      self.config.input_size, self.keypoint_set, self.rng, self.augment)
+            heatmaps, weights = self.codec.encode(sample.keypoints, sample.visibility)
+            crop_to_image = np.asarray(cols["crop_to_image"][i], np.float64)
+            rgb = sample.image[:, :, ::-1].astype(np.float32)
+            out["image"].append(((rgb - IMAGENET_MEAN_RGB) / IMAGENET_STD_RGB).transpose(2, 0, 1))  # (H, W, 3) -> (3, H, W)
+            out["target"].append(heatmaps)
+            out["target_weight"].append(weights)
+            out["keypoints"].append(np.concatenate([sample.keypoints, sample.visibility[:, None]], axis=1))
+            out["crop_to_input"].append(sample.image_to_input)
+            out["crop_to_image"].append(crop_to_image)
+            out["input_to_image"].append(compose_affine(crop_to_image, invert_affine(sample.image_to_input)))
+        batch = {k: np.stack(v).astype(np.float32) for k, v in out.items()}
+        batch["image_id"] = table.column("image_id").to_numpy().astype(np.int64)
+        batch["ann_id"] = table.column("ann_id").to_numpy().astype(np.int64)
+        batch["bbox"] = np.asarray(table.column("bbox").to_pylist(), np.float32).reshape(-1, 4)
+        batch["area"] = table.column("area").to_numpy().astype(np.float32)
+        return batch
+
+
+def iter_pose_batches(source: Any, config: StreamConfig, *, batch_size: int, seed: int = 0, epoch: int = 0,
+                      rank: int = 0, shuffle: bool | None = None, shuffle_buffer: int = 1024, drop_last: bool = False,
+                      split: str | None = None, datasets: Iterable[str] | None = None,
+                      ) -> Iterator[dict[str, torch.Tensor]]:
+    """Stream model-ready batches (module docstring) from a Ray DataIterator, a Ray Dataset or a URI.
+
+    Args:
+        source: `ray.train.get_dataset_shard(...)` inside a Train worker, a `ray.data.Dataset`
+            (e.g. from `read_shards`), or a shard URI / path (read directly with pyarrow, no Ray).
+        config: input size, target and augmentation settings.
+        batch_size: rows per batch.
+        seed, epoch, rank: the augmentation (and shuffle) stream is seeded by all three, so every
+            epoch and every worker draws differently and a rerun reproduces them.
+        shuffle: shuffle rows (a local buffer); defaults to `config.augment`.
+        shuffle_buffer: rows in the shuffle buffer.
+        drop_last: drop a final short batch (keeps DDP ranks in step).
+        split, datasets: row filters, used when `source` is a URI (filter a Dataset in `read_shards`).
+    """
+    shuffle = config.augment if shuffle is None else shuffle
+    rng = np.random.default_rng([seed, epoch, rank])
+    transform = PoseBatchTransform(config, rng)
+    if isinstance(source, str):
+        tables: Iterable[pa.Table] = iter_shard_tables(
+            source, batch_size=batch_size, split=split, datasets=datasets, shuffle=shuffle,
+            seed=int(rng.integers(2**31)), shuffle_buffer=shuffle_buffer)
+    elif hasattr(source, "iter_batches"):
+        tables = source.iter_batches(batch_size=batch_size, batch_format="pyarrow", drop_last=drop_last,
+                                     local_shuffle_buffer_size=shuffle_buffer if shuffle else None,
+                                     local_shuffle_seed=int(rng.integers(2**31)) if shuffle else None)
+    else:
+        raise TypeError(f"source must be a shard URI, a ray.data.Dataset or a DataIterator, got {type(source).__name__}")
+    for table in tables:
+        if drop_last and table.num_rows < batch_size:
+            continue
+        if table.num_rows == 0:
+            continue
+        yield {k: torch.from_numpy(v) for k, v in transform(table).items()}
