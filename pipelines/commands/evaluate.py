@@ -1,0 +1,87 @@
+"""`vitpose eval`: COCO keypoint metrics of a results file, or of a checkpoint run over images.
+
+    vitpose eval --annotations GT.json --predictions PRED.json
+    vitpose eval --checkpoint CKPT --annotations GT.json --images DIR [--detections DET.json] [--flip-test]
+
+Prints the metrics as one JSON object on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("eval", help="COCO keypoint AP of a results file or of a checkpoint",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--annotations", required=True, type=Path, help="COCO keypoint annotation json")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--predictions", type=Path, help="COCO keypoint results json (evaluated as is)")
+    source.add_argument("--checkpoint", type=Path, help="model checkpoint (own format dir or official .pth)")
+    parser.add_argument("--images", type=Path, help="image directory (with --checkpoint)")
+    parser.add_argument("--detections", type=Path, help="COCO detection results json; default: ground-truth boxes")
+    parser.add_argument("--det-score-thr", type=float, default=0.0, help="drop detections scoring below (0.0)")
+    parser.add_argument("--flip-test", action="store_true", help="average with horizontally flipped crops")
+    parser.add_argument("--keypoint-set", default=None,
+                        help="coco, aic or crowdpose; default: inferred from the annotation categories")
+    parser.add_argument("--batch-size", type=int, default=32, help="crops per forward pass")
+    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
+    parser.add_argument("--output", type=Path, help="also write the metrics (and with --checkpoint the results) here")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vitpose_core.evaluation import evaluate_keypoints, infer_keypoint_set, load_ground_truth
+
+    ground_truth = load_ground_truth(args.annotations)
+    keypoint_set = infer_keypoint_set(ground_truth, args.keypoint_set)
+    results = None
+    if args.predictions is not None:
+        if args.images or args.detections or args.flip_test:
+            raise ValueError("--images/--detections/--flip-test only apply with --checkpoint")
+        metrics = evaluate_keypoints(ground_truth, args.predictions, keypoint_set.sigmas_array())
+    else:
+        results = _predict_results(args, ground_truth, keypoint_set)
+        metrics = evaluate_keypoints(ground_truth, results, keypoint_set.sigmas_array())
+    print(json.dumps(metrics, indent=2))
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        record = {"metrics": metrics, "keypoint_set": keypoint_set.name}
+        if results is not None:
+            record["results"] = results
+        args.output.write_text(json.dumps(record))
+    return 0
+
+
+def _predict_results(args: argparse.Namespace, ground_truth, keypoint_set) -> list[dict]:
+    import torch
+
+    from vitpose_core import load_model
+    from vitpose_core.evaluation import ground_truth_boxes, load_detections, rescore_and_nms
+    from vitpose_core.inference import TopDownPredictor, predict_dataset
+
+    if args.images is None or not args.images.is_dir():
+        raise ValueError(f"--checkpoint needs --images pointing at a directory, got {args.images}")
+    if not args.checkpoint.exists():
+        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
+    model = load_model(args.checkpoint).to(torch.device(args.device))
+    if model.config.num_keypoints != keypoint_set.num_keypoints:
+        raise ValueError(f"the checkpoint predicts {model.config.num_keypoints} keypoints but the annotations "
+                         f"use {keypoint_set.name!r} ({keypoint_set.num_keypoints})")
+    if args.detections is not None:
+        boxes = load_detections(args.detections, args.det_score_thr, image_ids=ground_truth.getImgIds())
+    else:
+        boxes = ground_truth_boxes(ground_truth)
+    image_paths = {image_id: args.images / info["file_name"] for image_id, info in ground_truth.imgs.items()}
+    predictor = TopDownPredictor(model, keypoint_set, flip_test=args.flip_test, batch_size=args.batch_size)
+    start = time.perf_counter()
+    predictions = predict_dataset(predictor, image_paths, boxes)
+    logger.info("predicted %d persons in %d images in %.1f s", len(predictions), len(boxes),
+                time.perf_counter() - start)
+    return rescore_and_nms(predictions, keypoint_set.sigmas_array())

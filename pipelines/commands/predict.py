@@ -1,0 +1,87 @@
+"""`vitpose predict`: keypoints for the people in one image, as JSON plus a PNG with the poses drawn.
+
+    vitpose predict --checkpoint CKPT --image IMG [--boxes X,Y,W,H ...] [--output-dir DIR]
+
+Without boxes the whole image is one person box (ViTPose is top-down: it needs person boxes).
+Writes DIR/<image stem>.pose.json and DIR/<image stem>.pose.png and prints the JSON path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("predict", help="keypoints of one image -> JSON + PNG",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, type=Path, help="own format dir or official .pth")
+    parser.add_argument("--image", required=True, type=Path, help="input image (jpg/png)")
+    parser.add_argument("--boxes", nargs="+", default=None, metavar="X,Y,W,H",
+                        help="person boxes in pixels, or one path to a json list of [x, y, w, h]")
+    parser.add_argument("--flip-test", action="store_true", help="average with the horizontally flipped crop")
+    parser.add_argument("--score-thr", type=float, default=0.3, help="do not draw keypoints scoring below")
+    parser.add_argument("--device", default="cpu", help="torch device")
+    parser.add_argument("--output-dir", type=Path, default=Path("."), help="where to write the JSON and PNG")
+    parser.set_defaults(func=run)
+
+
+def parse_boxes(values: list[str] | None) -> np.ndarray | None:
+    """`["10,20,30,40", ...]` or `["boxes.json"]` -> boxes [P, 4]; None stays None (whole image)."""
+    if not values:
+        return None
+    if len(values) == 1 and values[0].endswith(".json"):
+        path = Path(values[0])
+        if not path.is_file():
+            raise FileNotFoundError(f"boxes file not found: {path}")
+        rows = json.loads(path.read_text())
+    else:
+        try:
+            rows = [[float(v) for v in value.split(",")] for value in values]
+        except ValueError:
+            raise ValueError(f"--boxes must be X,Y,W,H numbers, got {values}") from None
+    boxes = np.asarray(rows, dtype=np.float64)
+    if boxes.ndim != 2 or boxes.shape[1] != 4 or np.any(boxes[:, 2:] <= 0):
+        raise ValueError(f"--boxes must be [x, y, w, h] with w, h > 0, got {rows}")
+    return boxes
+
+
+def run(args: argparse.Namespace) -> int:
+    import cv2
+    import torch
+
+    from vitpose_core import load_model
+    from vitpose_core.inference import TopDownPredictor, whole_image_box
+    from vitpose_core.keypoints import get_keypoint_set
+    from vitpose_core.visualize import draw_poses
+
+    boxes = parse_boxes(args.boxes)
+    image_bgr = cv2.imread(str(args.image), cv2.IMREAD_COLOR)
+    if image_bgr is None:
+        raise FileNotFoundError(f"cannot read image {args.image}")
+    image = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
+    if not args.checkpoint.exists():
+        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
+    model = load_model(args.checkpoint).to(torch.device(args.device))
+    keypoint_set = get_keypoint_set(model.config.keypoint_set)
+    predictor = TopDownPredictor(model, keypoint_set, flip_test=args.flip_test)
+    boxes = whole_image_box(image) if boxes is None else boxes
+    keypoints = predictor.predict(image, boxes)
+
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    json_path = args.output_dir / f"{args.image.stem}.pose.json"
+    png_path = args.output_dir / f"{args.image.stem}.pose.png"
+    record = {
+        "image": str(args.image), "width": image.shape[1], "height": image.shape[0],
+        "model": model.config.variant, "keypoint_set": keypoint_set.name, "keypoint_names": list(keypoint_set.names),
+        "persons": [{"box": box.tolist(), "keypoints": person.tolist(),
+                     "score": float(person[:, 2].mean())} for box, person in zip(boxes, keypoints, strict=True)],
+    }
+    json_path.write_text(json.dumps(record, indent=2))
+    drawn = draw_poses(image, keypoints, keypoint_set, args.score_thr, boxes_xywh=boxes)
+    cv2.imwrite(str(png_path), cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
+    print(json_path)
+    return 0
