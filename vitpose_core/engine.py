@@ -1,0 +1,255 @@
+"""One training engine for every stage: a train step, an eval step and an epoch loop over batches.
+
+Pretraining, fine-tuning and (later) distillation differ only in the model they build and the loss
+they compute; the loss lives in a small ``Task`` object:
+
+* ``FinetuneTask``: ViTPose heatmaps vs. UDP Gaussian targets (weighted joints-MSE);
+* ``PretrainTask``: the MAE wrapper's own per-patch normalised pixel loss;
+* a ``DistillTask`` only needs to implement ``Task.loss`` as well.
+
+Batches are plain mappings of tensors (``image`` (B, 3, H, W) normalised, ``target`` (B, K, h, w),
+``target_weight`` (B, K), ...), so the engine runs over a list in a unit test, a torch DataLoader
+or a Ray Data shard alike. Parallelism (DDP/FSDP) is applied to the model from outside; the engine
+only calls ``model(...)``, ``backward`` and the optimiser. Nothing here imports Ray or MLflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from vitpose_core.codec import UDPHeatmapCodec, flip_heatmaps, keypoint_mse_loss
+
+Batch = Mapping[str, Any]
+Precision = Literal["bf16", "fp32"]
+
+
+class Task(Protocol):
+    """What a stage trains for: ``loss(model, batch) -> (scalar loss, {name: detached scalar})``."""
+
+    name: str
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
+@dataclass(frozen=True)
+class FinetuneTask:
+    """Heatmap regression: ViTPose(image) vs. ``target`` heatmaps, weighted by ``target_weight``."""
+
+    name: str = "finetune"
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        heatmaps = model(batch["image"])
+        loss = keypoint_mse_loss(heatmaps, batch["target"], batch.get("target_weight"))
+        return loss, {"heatmap_loss": loss.detach()}
+
+
+@dataclass(frozen=True)
+class PretrainTask:
+    """MAE: the wrapper masks, reconstructs and returns its own loss (see ``vitpose_core.mae``)."""
+
+    name: str = "pretrain"
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss, _, _ = model(batch["image"])
+        return loss, {"reconstruction_loss": loss.detach()}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How steps run: device, autocast precision and gradient clipping (None = no clipping)."""
+
+    device: str = "cpu"
+    precision: Precision = "bf16"
+    max_grad_norm: float | None = 1.0
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one optimiser step did; ``step`` counts steps completed, starting at 1."""
+
+    step: int
+    loss: float
+    lr: float
+    grad_norm: float
+    num_samples: int
+    seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.num_samples / max(self.seconds, 1e-9)
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    """Summary of ``run_epoch``: the global step after it, and means over its steps."""
+
+    step: int
+    num_steps: int
+    num_samples: int
+    mean_loss: float
+    seconds: float
+
+
+def autocast(config: EngineConfig) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CPU or CUDA (no GradScaler needed: bf16 has fp32's exponent range)."""
+    if config.precision == "fp32":
+        return contextlib.nullcontext()
+    device_type = torch.device(config.device).type
+    return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+
+
+def to_device(batch: Batch, device: str | torch.device) -> dict[str, Any]:
+    """Tensors of ``batch`` moved to ``device``; other values (ids, strings) passed through."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def batch_size_of(batch: Batch) -> int:
+    return int(batch["image"].shape[0])
+
+
+def clip_gradients(model: nn.Module, max_grad_norm: float | None) -> torch.Tensor:
+    """Clip the global gradient norm; returns the norm before clipping (inf if not clipped)."""
+    if max_grad_norm is None:
+        return torch.tensor(float("inf"))
+    # FSDP1 shards gradients and must compute the global norm itself
+    if hasattr(model, "clip_grad_norm_"):
+        return model.clip_grad_norm_(max_grad_norm)
+    return nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+
+
+def train_step(
+    model: nn.Module,
+    task: Task,
+    batch: Batch,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    config: EngineConfig,
+    step: int = 0,
+) -> StepResult:
+    """Forward under autocast, backward, clip, optimiser and scheduler step. ``step`` = steps done before."""
+    start = time.perf_counter()
+    model.train()
+    batch = to_device(batch, config.device)
+    with autocast(config):
+        loss, metrics = task.loss(model, batch)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{task.name} loss is {loss.item()} at step {step + 1}; lower the lr or check data")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = clip_gradients(model, config.max_grad_norm)
+    lr = optimizer.param_groups[-1]["lr"]  # the last group is the head: the un-decayed base lr
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return StepResult(
+        step=step + 1, loss=float(loss.detach()), lr=float(lr), grad_norm=float(grad_norm),
+        num_samples=batch_size_of(batch), seconds=time.perf_counter() - start,
+        metrics={k: float(v) for k, v in metrics.items()},
+    )
+
+
+@torch.no_grad()
+def eval_step(model: nn.Module, task: Task, batch: Batch, config: EngineConfig) -> dict[str, float]:
+    """The task's loss on one batch without gradients, in eval mode (no dropout / drop path)."""
+    model.eval()
+    batch = to_device(batch, config.device)
+    with autocast(config):
+        loss, metrics = task.loss(model, batch)
+    return {"loss": float(loss), **{k: float(v) for k, v in metrics.items()}, "num_samples": batch_size_of(batch)}
+
+
+def run_epoch(
+    model: nn.Module,
+    task: Task,
+    batches: Iterable[Batch],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    config: EngineConfig,
+    step: int = 0,
+    skip_batches: int = 0,
+    max_steps: int | None = None,
+    on_step: Callable[[StepResult], None] | None = None,
+) -> EpochResult:
+    """Train over ``batches`` once.
+
+    Args:
+        step: global steps completed before this epoch (continues the count after a resume).
+        skip_batches: batches of this epoch already trained on before a mid-epoch checkpoint;
+            they are read and dropped so the data position matches the restored optimiser.
+        max_steps: stop once the global step reaches it (the run's step budget).
+        on_step: called after every step, e.g. to log or checkpoint; it may raise to stop.
+    """
+    start = time.perf_counter()
+    losses: list[float] = []
+    num_samples = 0
+    for batch in islice(batches, skip_batches, None):
+        if max_steps is not None and step >= max_steps:
+            break
+        result = train_step(model, task, batch, optimizer, scheduler, config, step)
+        step = result.step
+        losses.append(result.loss)
+        num_samples += result.num_samples
+        if on_step is not None:
+            on_step(result)
+    return EpochResult(step=step, num_steps=len(losses), num_samples=num_samples,
+                       mean_loss=float(np.mean(losses)) if losses else float("nan"),
+                       seconds=time.perf_counter() - start)
+
+
+@torch.no_grad()
+def predict_heatmaps(model: nn.Module, images: torch.Tensor, config: EngineConfig,
+                     flip_index: Sequence[int] | None = None) -> torch.Tensor:
+    """Heatmaps (B, K, h, w) in fp32; with ``flip_index``, averaged with the mirrored image's (flip test)."""
+    model.eval()
+    images = images.to(config.device, non_blocking=True)
+    with autocast(config):
+        heatmaps = model(images).float()
+        if flip_index is not None:
+            heatmaps = 0.5 * (heatmaps + flip_heatmaps(model(images.flip(-1)).float(), flip_index))
+    return heatmaps
+
+
+def crop_to_image_points(points: np.ndarray, crop_to_image: np.ndarray) -> np.ndarray:
+    """Points (N, K, 2) in crop pixels -> original image pixels through per-sample (N, 2, 3) affines."""
+    homogeneous = np.concatenate([points, np.ones_like(points[..., :1])], axis=-1)  # (N, K, 3)
+    return np.einsum("nij,nkj->nki", crop_to_image, homogeneous)
+
+
+def predict_keypoints(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    codec: UDPHeatmapCodec,
+    config: EngineConfig,
+    flip_index: Sequence[int] | None = None,
+    passthrough: Sequence[str] = ("image_id", "ann_id", "bbox", "area"),
+) -> Iterator[dict[str, np.ndarray]]:
+    """Per batch: ``keypoints`` (B, K, 2) in image pixels (via ``crop_to_image``) and ``scores`` (B, K).
+
+    Fields named in ``passthrough`` that the batch carries are copied to the output as numpy, so a
+    COCO evaluator can match predictions to annotations.
+    """
+    for batch in batches:
+        heatmaps = predict_heatmaps(model, batch["image"], config, flip_index)
+        keypoints, scores = codec.decode(heatmaps)
+        crop_to_image = np.asarray(_as_numpy(batch["crop_to_image"]), dtype=np.float64)
+        out = {"keypoints": crop_to_image_points(keypoints, crop_to_image), "scores": scores}
+        for name in passthrough:
+            if name in batch:
+                out[name] = _as_numpy(batch[name])
+        yield out
+
+
+def _as_numpy(value: Any) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
