@@ -101,7 +101,8 @@ class ViT(nn.Module):
         num_patches = self.grid_size[0] * self.grid_size[1]
         # slot 0 is the official "cls" slot; there is no cls token, the slot is added to every patch
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
-        drop_path_rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        # stochastic depth rises linearly with depth (plain Python so meta-device builds work)
+        drop_path_rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(
             Block(
                 embed_dim,

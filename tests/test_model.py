@@ -1,0 +1,149 @@
+"""The ViTPose model family: official architecture, parameter counts, resolutions, HF parity."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+
+from vitpose_core import build_model, count_parameters
+from vitpose_core.models import VARIANTS, ViTPoseConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Parameter counts of the official models with the classic decoder (ViTPose paper / model zoo).
+OFFICIAL_PARAMS_M = {"vitpose-s": 24.29, "vitpose-b": 89.99, "vitpose-l": 308.54, "vitpose-h": 637.21}
+
+
+@pytest.mark.parametrize("variant", sorted(OFFICIAL_PARAMS_M))
+def test_parameter_counts_match_official(variant):
+    with torch.device("meta"):  # no memory, no init cost: only shapes matter here
+        model = build_model(variant)
+    millions = count_parameters(model) / 1e6
+    assert abs(millions - OFFICIAL_PARAMS_M[variant]) / OFFICIAL_PARAMS_M[variant] < 0.005, millions
+
+
+def test_vitpose_g_is_about_one_billion_parameters():
+    with torch.device("meta"):
+        model = build_model("vitpose-g")
+    assert 0.95e9 < count_parameters(model) < 1.05e9
+
+
+def test_official_token_grid_and_output_shape():
+    model = build_model("vitpose-tiny").eval()
+    assert model.backbone.grid_size == (16, 12)  # 256x192 with the padded 16x16 patch conv
+    assert tuple(model.backbone.pos_embed.shape) == (1, 16 * 12 + 1, 192)
+    with torch.no_grad():
+        heatmaps = model(torch.randn(2, 3, 256, 192))
+    assert heatmaps.shape == (2, 17, 64, 48)
+    assert model.config.heatmap_size == (64, 48)
+
+
+def test_first_pos_embed_slot_is_added_to_every_patch():
+    """Changing only slot 0 shifts every patch token by the same vector (there is no cls token)."""
+    model = build_model("vitpose-tiny").eval()
+    x = torch.randn(1, 3, 256, 192)
+    with torch.no_grad():
+        tokens_before, _ = model.backbone.embed(x)
+        delta = torch.randn(192)
+        model.backbone.pos_embed[0, 0] += delta
+        tokens_after, _ = model.backbone.embed(x)
+    torch.testing.assert_close(tokens_after - tokens_before, delta.expand_as(tokens_before), atol=1e-5, rtol=0)
+
+
+def test_stochastic_depth_rises_linearly():
+    model = build_model("vitpose-tiny", drop_path_rate=0.5)
+    rates = [getattr(block.drop_path, "drop_prob", 0.0) for block in model.backbone.blocks]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.5)
+    assert all(b > a for a, b in zip(rates, rates[1:]))
+
+
+@pytest.mark.parametrize("img_size", [(256, 192), (384, 288), (576, 432)])
+def test_any_resolution_runs(img_size):
+    model = build_model("vitpose-tiny", img_size=img_size).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, *img_size))
+    assert out.shape[-2:] == (img_size[0] // 4, img_size[1] // 4)
+
+
+def test_input_at_other_resolution_resizes_pos_embed_on_the_fly():
+    model = build_model("vitpose-tiny").eval()  # built for 256x192
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 384, 288))
+    assert out.shape == (1, 17, 96, 72)
+
+
+def test_simple_decoder_and_aic_keypoints():
+    model = build_model("vitpose-tiny", decoder="simple", keypoint_set="aic").eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 256, 192))
+    assert out.shape == (1, 14, 64, 48)
+
+
+def test_config_is_strict():
+    with pytest.raises(ValueError, match="attention"):
+        build_model("vitpose-tiny", attention="sparse")
+    with pytest.raises(ValueError, match="num_keypoints"):
+        build_model("vitpose-tiny", num_keypoints=14)  # coco set has 17
+    with pytest.raises(ValueError, match="extra"):
+        ViTPoseConfig(varient="vitpose-b")
+    with pytest.raises(ValueError, match="unknown variant"):
+        build_model("vitpose-xl")
+
+
+@pytest.mark.parametrize("decoder", ["classic", "simple"])
+def test_heatmaps_equal_transformers_implementation(decoder):
+    """transformers' VitPoseForPoseEstimation is an independent port of the official network."""
+    pytest.importorskip("transformers")
+    from vitpose_core.interop import build_hf_model
+
+    torch.manual_seed(0)
+    ours = build_model("vitpose-s", decoder=decoder).eval()
+    with torch.no_grad():  # random BN statistics so the decoder's BN is exercised
+        for module in ours.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+        for param in ours.keypoint_head.parameters():
+            param.normal_(0, 0.02)
+    theirs = build_hf_model(ours.config, ours.state_dict())
+    x = torch.randn(2, 3, 256, 192)
+    with torch.no_grad():
+        expected = theirs(pixel_values=x).heatmaps
+        actual = ours(x)
+    assert expected.abs().max() > 1e-2  # non-trivial heatmaps
+    assert (actual - expected).abs().max().item() <= 1e-4
+
+
+def test_all_variants_have_official_layer_decay():
+    assert VARIANTS["vitpose-s"].layer_decay == 0.8
+    assert VARIANTS["vitpose-b"].layer_decay == 0.75
+    assert VARIANTS["vitpose-l"].layer_decay == 0.8
+    assert VARIANTS["vitpose-h"].layer_decay == 0.85
+
+
+def test_core_never_imports_ray_or_mlflow():
+    forbidden = {"ray", "mlflow", "pipelines"}
+    offenders = []
+    for path in sorted((REPO_ROOT / "vitpose_core").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in forbidden]
+    assert not offenders, offenders
+    # and at run time: importing every core module pulls in neither
+    modules = [p.relative_to(REPO_ROOT).with_suffix("").as_posix().replace("/", ".")
+               for p in Path(REPO_ROOT / "vitpose_core").rglob("*.py")]
+    code = ("import importlib, sys\n"
+            f"for m in {modules!r}: importlib.import_module(m)\n"
+            "bad = [m for m in ('ray', 'mlflow') if m in sys.modules]\n"
+            "assert not bad, bad\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT)
