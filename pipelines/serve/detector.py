@@ -1,0 +1,76 @@
+"""The person-detector contract: how a detector deployment plugs in front of the pose model.
+
+ViTPose is top-down: it needs person boxes. A request that carries none is sent to the detector,
+whose boxes then go through the same validation as client boxes (see `inputs.validate_boxes`; boxes
+beyond `limits.max_boxes` are dropped, highest score first).
+
+To plug one in, write a class with the `PersonDetector` method and name it in the serve config:
+
+    class MyDetector:                                   # mypkg/detect.py
+        def __init__(self, score_threshold: float = 0.5):
+            self.net = load_my_detector()               # e.g. an RTMDet / YOLO person model
+        async def detect(self, image: np.ndarray) -> np.ndarray:
+            ...                                         # RGB uint8 [H, W, 3] -> [N, 5] (x, y, w, h, score)
+
+    # serve config (args of build_app):
+    detector: {import_path: "mypkg.detect:MyDetector", init_kwargs: {score_threshold: 0.4},
+               num_replicas: 1, num_gpus: 0.5}
+
+`build_app` wraps the class in its own Serve deployment (so it scales and fails independently of the
+pose model) and hands the ingress a handle to it; the ingress awaits `handle.detect.remote(image)`.
+Without a detector, `WholeImageDetector` runs inline in the ingress.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class PersonDetector(Protocol):
+    """Finds people in an image.
+
+    `detect(image)` takes RGB uint8 [H, W, 3] and returns boxes [N, 4] (x, y, w, h) or [N, 5]
+    (x, y, w, h, score) in image pixels, as a numpy array or nested lists; N may be 0. It may be a
+    plain or an `async` method.
+    """
+
+    def detect(self, image: np.ndarray) -> Any: ...
+
+
+class WholeImageDetector:
+    """The default: one box covering the whole image (the usual choice for single-person crops)."""
+
+    def detect(self, image: np.ndarray) -> np.ndarray:
+        height, width = image.shape[:2]
+        return np.array([[0.0, 0.0, float(width), float(height), 1.0]])
+
+
+def import_detector_class(import_path: str) -> type:
+    """`module.sub:ClassName` -> the class; a clear ValueError when it does not exist or lacks `detect`."""
+    module_name, _, class_name = import_path.partition(":")
+    if not module_name or not class_name:
+        raise ValueError(f"detector import_path must look like 'module:ClassName', got {import_path!r}")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"cannot import detector {import_path!r}: {error}") from None
+    if not callable(getattr(cls, "detect", None)):
+        raise ValueError(f"detector {import_path!r} has no detect(image) method")
+    return cls
+
+
+def boxes_from_detections(detections: Any, max_boxes: int) -> list[list[float]]:
+    """Detector output -> at most `max_boxes` [x, y, w, h] lists, highest score first when scores exist."""
+    array = np.asarray(detections, dtype=np.float64)
+    if array.size == 0:
+        return []
+    array = array.reshape(len(array), -1)
+    if array.shape[1] not in (4, 5):
+        raise ValueError(f"detector returned boxes of shape {array.shape}; expected [N, 4] or [N, 5]")
+    if array.shape[1] == 5:
+        array = array[np.argsort(-array[:, 4], kind="stable")]
+    return array[:max_boxes, :4].tolist()
