@@ -1,0 +1,140 @@
+"""Knowledge-token distillation core: the token learns against a frozen teacher, the student trains with
+the frozen token, width projection, and each switch (token, output distillation) on its own."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vitpose_core.codec import UDPHeatmapCodec
+from vitpose_core.distill import (
+    DistillTask,
+    TokenStudent,
+    TokenTeacher,
+    deployable_student,
+    fixed_projection,
+    student_for_training,
+)
+from vitpose_core.engine import EngineConfig, FinetuneTask, eval_step, train_step
+from vitpose_core.models import build_model
+from vitpose_core.optim import build_adamw
+
+IMG = (64, 48)  # (H, W)
+FP32 = EngineConfig(precision="fp32", max_grad_norm=1.0)
+
+
+def make_batch(batch_size: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Bright squares at keypoint 0 with its UDP Gaussian target (learnable in a few steps)."""
+    rng = np.random.default_rng(seed)
+    codec = UDPHeatmapCodec(input_size=(IMG[1], IMG[0]), sigma=2.0)
+    images = np.zeros((batch_size, 3, *IMG), np.float32)
+    targets, weights = [], []
+    for i in range(batch_size):
+        keypoints = rng.uniform([6, 6], [IMG[1] - 6, IMG[0] - 6], size=(17, 2))
+        x, y = keypoints[0].astype(int)
+        images[i, :, y - 3:y + 4, x - 3:x + 4] = 2.0
+        heatmaps, weight = codec.encode(keypoints, np.full(17, 2))
+        targets.append(heatmaps)
+        weights.append(weight)
+    return {"image": torch.from_numpy(images), "target": torch.from_numpy(np.stack(targets)),
+            "target_weight": torch.from_numpy(np.stack(weights))}
+
+
+def tiny(width: int = 192, depth: int = 2, **overrides):
+    return build_model("vitpose-tiny", img_size=IMG, embed_dim=width, depth=depth, num_heads=3,
+                       mlp_hidden_dim=2 * width, decoder_channels=32, **overrides)
+
+
+def test_token_trains_against_ground_truth_while_the_teacher_stays_frozen():
+    torch.manual_seed(0)
+    teacher = tiny(192)
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    model = TokenTeacher(teacher)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["knowledge_token.tokens"]
+    optimizer = build_adamw(model, lr=1e-2, weight_decay=0.0)
+    batch = make_batch()
+    token_before = model.knowledge_token.tokens.detach().clone()
+    loss_before = eval_step(model, FinetuneTask(), batch, FP32)["loss"]
+    for step in range(15):
+        train_step(model, FinetuneTask(), batch, optimizer, None, FP32, step)
+    assert not model.teacher.training  # engine's model.train() must not re-enable drop path in the teacher
+    assert all(torch.equal(teacher_before[k], v) for k, v in teacher.state_dict().items())
+    assert not torch.equal(model.knowledge_token.tokens, token_before)
+    assert eval_step(model, FinetuneTask(), batch, FP32)["loss"] < loss_before
+
+
+def test_token_changes_the_teacher_output_only_through_attention():
+    torch.manual_seed(0)
+    model = TokenTeacher(tiny(192))
+    images = make_batch()["image"]
+    with_token = model(images)
+    without = model.teacher(images)
+    assert with_token.shape == without.shape == (4, 17, 16, 12)
+    assert not torch.allclose(with_token, without)
+
+
+@pytest.mark.parametrize("teacher_width,student_width", [(192, 192), (192, 96), (96, 192)])
+def test_fixed_projection_is_identity_or_norm_preserving(teacher_width, student_width):
+    projection = fixed_projection(teacher_width, student_width, seed=3)
+    assert projection.shape == (student_width, teacher_width)
+    assert torch.equal(projection, fixed_projection(teacher_width, student_width, seed=3))  # reproducible
+    if teacher_width == student_width:
+        assert torch.equal(projection, torch.eye(student_width))
+    token = torch.randn(2000, teacher_width)
+    ratio = (token @ projection.T).norm(dim=1).pow(2).mean() / token.norm(dim=1).pow(2).mean()
+    assert ratio.item() == pytest.approx(1.0, rel=0.1)
+
+
+def test_student_trains_with_the_frozen_projected_token():
+    torch.manual_seed(0)
+    tokens = torch.randn(1, 1, 192)
+    model = student_for_training(tiny(96), tokens)
+    assert isinstance(model, TokenStudent) and model.tokens.shape == (1, 1, 96)
+    assert "tokens" in dict(model.named_buffers()) and "tokens" not in dict(model.named_parameters())
+    # the optimiser sees exactly the plain student's parameters (layer decay names unchanged)
+    optimizer = build_adamw(deployable_student(model), lr=1e-3)
+    batch = make_batch()
+    frozen = model.tokens.clone()
+    loss_before = eval_step(model, DistillTask(), batch, FP32)["loss"]
+    for step in range(10):
+        train_step(model, DistillTask(), batch, optimizer, None, FP32, step)
+    assert torch.equal(model.tokens, frozen)
+    assert eval_step(model, DistillTask(), batch, FP32)["loss"] < loss_before
+    # the deployable student is a plain ViTPose that runs without the token
+    assert deployable_student(model)(batch["image"]).shape == (4, 17, 16, 12)
+
+
+def test_switches_token_off_and_output_distillation_on_and_off():
+    torch.manual_seed(0)
+    teacher, student = tiny(192).eval(), tiny(96)
+    assert student_for_training(student, None) is student  # token off: the bare student
+    batch = make_batch()
+    gt_only, metrics = DistillTask().loss(student, batch)
+    assert set(metrics) == {"heatmap_loss"}
+    combined, metrics = DistillTask(teacher=teacher, output_weight=0.5).loss(student, batch)
+    assert set(metrics) == {"heatmap_loss", "output_distill_loss"}
+    expected = metrics["heatmap_loss"] + 0.5 * metrics["output_distill_loss"]
+    assert combined.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert combined.item() > gt_only.item() - 1e-7  # same gt term plus a non-negative one
+    with pytest.raises(ValueError, match="needs a teacher"):
+        DistillTask(output_weight=1.0)
+
+
+def test_output_distillation_pulls_student_heatmaps_towards_the_teacher():
+    torch.manual_seed(0)
+    teacher, student = tiny(192).eval(), tiny(96)
+    task = DistillTask(teacher=teacher, output_weight=1.0, gt_weight=0.0)
+    optimizer = build_adamw(student, lr=1e-3)
+    batch = make_batch()
+    before = task.loss(student, batch)[1]["output_distill_loss"].item()
+    for step in range(10):
+        train_step(student, task, batch, optimizer, None, FP32, step)
+    assert task.loss(student, batch)[1]["output_distill_loss"].item() < before
+
+
+def test_token_needs_full_attention():
+    with pytest.raises(ValueError, match="full attention"):
+        TokenTeacher(tiny(192, attention="window", window_size=2))
+    with pytest.raises(ValueError, match="full attention"):
+        TokenStudent(tiny(96, attention="pooling_window", window_size=2), torch.zeros(1, 1, 192))
