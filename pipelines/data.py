@@ -83,12 +83,17 @@ def shard_files(uri: str) -> list[str]:
     return files
 
 
-def _row_filter(split: str | None, datasets: Iterable[str] | None) -> pc.Expression | None:
+def _row_filter(split: str | None, datasets: Iterable[str] | None, for_ray: bool = False) -> Any:
+    """`split == ... & dataset in (...)` as a pyarrow expression, or as a Ray Data one (pushed down)."""
+    if for_ray:
+        from ray.data.expressions import col as field
+    else:
+        field = pc.field
     expression = None
     if split is not None:
-        expression = pc.field("split") == split
+        expression = field("split") == split
     if datasets is not None:
-        wanted = pc.field("dataset").isin(list(datasets))
+        wanted = field("dataset").is_in(list(datasets)) if for_ray else field("dataset").isin(list(datasets))
         expression = wanted if expression is None else expression & wanted
     return expression
 
@@ -102,7 +107,7 @@ def read_shards(uri: str, *, split: str | None = None, datasets: Iterable[str] |
     fs, _ = storage.filesystem_and_path(files[0])
     paths = [storage.filesystem_and_path(f)[1] for f in files]
     dataset = ray.data.read_parquet(paths, filesystem=fs, columns=columns, **read_parquet_args)
-    expression = _row_filter(split, datasets)
+    expression = _row_filter(split, datasets, for_ray=True)
     return dataset if expression is None else dataset.filter(expr=expression)
 
 
