@@ -154,10 +154,10 @@ def validate_boxes(raw: Any, image_size: tuple[int, int], limits: LimitsConfig) 
     if len(raw) > limits.max_boxes:
         raise RequestError(422, f"{len(raw)} boxes exceed the limit of {limits.max_boxes} per request")
     try:
-        boxes = np.asarray(raw, dtype=np.float64).reshape(len(raw), -1) if raw else np.zeros((0, 4))
+        boxes = np.asarray(raw, dtype=np.float64) if raw else np.zeros((0, 4))
     except (ValueError, TypeError, OverflowError):
         raise RequestError(422, "boxes must be a list of [x, y, w, h] numbers") from None
-    if boxes.shape[1] != 4:
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
         raise RequestError(422, "each box must be [x, y, w, h]")
     width, height = image_size
     for index, (x, y, w, h) in enumerate(boxes):
