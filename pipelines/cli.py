@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "convert": "pipelines.commands.convert",
     "shard": "pipelines.commands.shard",
     "synth": "pipelines.commands.synth",
+    "serve": "pipelines.commands.serve",
 }
 
 

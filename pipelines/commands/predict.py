@@ -18,7 +18,10 @@ import numpy as np
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("predict", help="keypoints of one image -> JSON + PNG",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, type=Path, help="own format dir or official .pth")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, help="own format dir or official .pth")
+    source.add_argument("--url", help="send the image to a running pose service instead (`vitpose serve`), "
+                                      "e.g. http://127.0.0.1:8000")
     parser.add_argument("--image", required=True, type=Path, help="input image (jpg/png)")
     parser.add_argument("--boxes", nargs="+", default=None, metavar="X,Y,W,H",
                         help="person boxes in pixels, or one path to a json list of [x, y, w, h]")
@@ -63,20 +66,31 @@ def run(args: argparse.Namespace) -> int:
     if image_bgr is None:
         raise FileNotFoundError(f"cannot read image {args.image}")
     image = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
-    if not args.checkpoint.exists():
-        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
-    model = load_model(args.checkpoint).to(torch.device(args.device))
-    keypoint_set = get_keypoint_set(model.config.keypoint_set)
-    predictor = TopDownPredictor(model, keypoint_set, flip_test=args.flip_test)
-    boxes = whole_image_box(image) if boxes is None else boxes
-    keypoints = predictor.predict(image, boxes)
+    if args.url:  # the service decides flip test and dtype; boxes None -> its detector / whole image
+        from pipelines.serve.client import PoseClient
+
+        client = PoseClient(args.url)
+        response = client.predict(args.image, boxes=boxes)
+        keypoint_set = get_keypoint_set(client.model_info()["keypoint_set"])
+        boxes = np.array([p["box"] for p in response["persons"]]).reshape(-1, 4)
+        keypoints = np.array([p["keypoints"] for p in response["persons"]]).reshape(len(boxes), -1, 3)
+        model_name = f"{response['model']}:{response['version']}"
+    else:
+        if not args.checkpoint.exists():
+            raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
+        model = load_model(args.checkpoint).to(torch.device(args.device))
+        keypoint_set = get_keypoint_set(model.config.keypoint_set)
+        predictor = TopDownPredictor(model, keypoint_set, flip_test=args.flip_test)
+        boxes = whole_image_box(image) if boxes is None else boxes
+        keypoints = predictor.predict(image, boxes)
+        model_name = model.config.variant
 
     args.output_dir.mkdir(parents=True, exist_ok=True)
     json_path = args.output_dir / f"{args.image.stem}.pose.json"
     png_path = args.output_dir / f"{args.image.stem}.pose.png"
     record = {
         "image": str(args.image), "width": image.shape[1], "height": image.shape[0],
-        "model": model.config.variant, "keypoint_set": keypoint_set.name, "keypoint_names": list(keypoint_set.names),
+        "model": model_name, "keypoint_set": keypoint_set.name, "keypoint_names": list(keypoint_set.names),
         "persons": [{"box": box.tolist(), "keypoints": person.tolist(),
                      "score": float(person[:, 2].mean())} for box, person in zip(boxes, keypoints, strict=True)],
     }
