@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "shard": "pipelines.commands.shard",
     "synth": "pipelines.commands.synth",
     "serve": "pipelines.commands.serve",
+    "run": "pipelines.commands.run",
 }
 
 

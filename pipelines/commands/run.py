@@ -1,0 +1,85 @@
+"""`vitpose run`: raw data -> served champion, every stage in one command.
+
+    vitpose run                                   # embedded default: synthetic data, local Ray, ./vitpose_runs
+    vitpose run --config pipelines/configs/cocoaic_vitpose_b_8gpu.yaml
+    vitpose run --set finetune.epochs=2 --from finetune
+    vitpose run --stages shard,finetune --force
+
+A stage whose record matches its config and inputs is skipped; `--force` reruns the selected stages.
+See docs/pipeline.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("run", help="run the whole pipeline (shard -> ... -> serve)", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="pipeline YAML (default: the embedded pipelines/configs/local.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set finetune.epochs=2 (repeatable)")
+    selection = parser.add_mutually_exclusive_group()
+    selection.add_argument("--stages", help="comma-separated stages to run, e.g. shard,finetune")
+    selection.add_argument("--from", dest="start", metavar="STAGE", help="run this stage and the ones after it")
+    parser.add_argument("--force", action="store_true", help="rerun the selected stages even if up to date")
+    serving = parser.add_mutually_exclusive_group()
+    serving.add_argument("--keep-serving", dest="keep_serving", action="store_true", default=None,
+                         help="after the summary, keep the endpoint up until Ctrl-C (default on a terminal)")
+    serving.add_argument("--no-keep-serving", dest="keep_serving", action="store_false")
+    parser.set_defaults(func=run)
+
+
+def summary_lines(results: list[Any], config: Any, tracking_uri: str) -> list[str]:
+    """Where things are and how to reach them, from the stage records."""
+    by_name = {r.name: (r.record or {}) for r in results}
+    outputs = {name: record.get("outputs", {}) for name, record in by_name.items()}
+    lines = [f"  data         {outputs.get('shard', {}).get('shards', '(shard not run)')}"]
+    for name in ("pretrain", "finetune", "tune", "distill"):
+        if outputs.get(name, {}).get("checkpoint"):
+            lines.append(f"  {name:<12} {outputs[name]['checkpoint']}")
+    lines.append(f"  mlflow       {tracking_uri}")
+    if tracking_uri.startswith("sqlite:"):
+        lines.append(f"  mlflow ui    mlflow ui --backend-store-uri {tracking_uri} --port 5000  "
+                     "(then open http://127.0.0.1:5000)")
+    register = by_name.get("register", {})
+    if register:
+        metric = register.get("config", {}).get("metric", "ap")
+        lines.append(f"  champion     {register['outputs'].get('model_uri')} (v{register['outputs'].get('version')}, "
+                     f"from {register['outputs'].get('winner')}), {metric.upper()} "
+                     f"{register.get('metrics', {}).get(metric, float('nan')):.3f}")
+    if outputs.get("serve", {}).get("url"):
+        url = outputs["serve"]["url"]
+        lines.append(f"  endpoint     {url}/v1/pose   (health {url}/healthz, API docs {url}/docs)")
+        lines.append(f"  try it       curl -s -H 'content-type: image/jpeg' --data-binary @person.jpg {url}/v1/pose")
+    return lines
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipelines.pipeline import load_pipeline_config, resolve_tracking_uri, run_pipeline
+
+    config = load_pipeline_config(args.config, args.overrides)
+    if config.ray.auth_mode and not os.environ.get("RAY_ADDRESS"):
+        # only for the private local cluster this process starts; a submitted job inherits the cluster's mode
+        os.environ.setdefault("RAY_AUTH_MODE", config.ray.auth_mode)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
+    results = run_pipeline(config, stages=stages, start=args.start, force=args.force)
+    tracking_uri, _ = resolve_tracking_uri(config)
+    print("\n".join(summary_lines(results, config, tracking_uri)), flush=True)
+
+    served = any(r.name == "serve" and r.state == "done" for r in results)
+    keep = args.keep_serving if args.keep_serving is not None else sys.stdout.isatty()
+    if served and keep and not os.environ.get("RAY_ADDRESS"):
+        import time
+
+        print("serving until Ctrl-C ...", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            print("stopped", flush=True)
+    return 0
