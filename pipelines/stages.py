@@ -13,6 +13,7 @@ so a rerun after a kill reuses the same Ray Train storage path and run name and 
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import logging
 from typing import Any
@@ -121,9 +122,20 @@ def _training_stage(name: str, needs_inputs: tuple[str, ...], optional_inputs: t
         fields = config_class().model_fields
         data = {key: dict(value) if isinstance(value, dict) else value for key, value in section.items()}
         upstream = {n: r.get("outputs", {}) for n, r in context.inputs.items()} if context else {}
+        shards = upstream.get("shard", {}).get("shards", "<shard>/out")
+        # flat stage configs (tune, distill) take the URIs at the top level
+        if "out" in fields:
+            data.setdefault("out", context.path("out") if context else "<stage>/out")
+        if "shards" in fields:
+            data.setdefault("shards", shards)
+        if "pretrain_checkpoint" in fields and upstream.get("pretrain", {}).get("checkpoint"):
+            data.setdefault("pretrain_checkpoint", upstream["pretrain"]["checkpoint"])
+        teacher = upstream.get("tune", upstream.get("finetune", {})).get("checkpoint")
+        if "teacher" in fields and teacher:
+            data.setdefault("teacher", teacher)
         if "data" in fields:
             data.setdefault("data", {})
-            data["data"].setdefault("shards", upstream.get("shard", {}).get("shards", "<shard>/out"))
+            data["data"].setdefault("shards", shards)
         if "checkpoint" in fields:
             data.setdefault("checkpoint", {})
             data["checkpoint"].setdefault("storage_path", context.path("train") if context else "<stage>/train")
@@ -144,16 +156,24 @@ def _training_stage(name: str, needs_inputs: tuple[str, ...], optional_inputs: t
 
         module = importlib.import_module(module_name)
         config = build_config(config_class(), inject(context.section, context), source=f"{name} section")
-        result = getattr(module, f"run_{name}")(config)
-        if getattr(result, "error", None):
-            raise RuntimeError(f"{name} failed: {result.error}")
-        stage = getattr(module, name.upper())
-        metrics = {k: float(v) for k, v in (result.metrics or {}).items()
-                   if isinstance(v, int | float) and not isinstance(v, bool)}
+        run_function = getattr(module, f"run_{name}")
+        if "force" in inspect.signature(run_function).parameters:
+            result = run_function(config, force=context.force)
+        else:
+            result = run_function(config)
+        if isinstance(result, dict):  # stages that write their own record (tune): checkpoint + metrics
+            raw_metrics, outputs = result.get("metrics") or {}, {"checkpoint": result.get("checkpoint"),
+                                                                 "out": getattr(config, "out", None)}
+        else:  # a Ray Train Result: the best model is exported under the run directory
+            if getattr(result, "error", None):
+                raise RuntimeError(f"{name} failed: {result.error}")
+            stage = getattr(module, name.upper())
+            export = storage.join(run_uri(stage, config), f"{name}_export")
+            raw_metrics = result.metrics or {}
+            outputs = {"checkpoint": export if storage.exists(export) else None, "run": run_uri(stage, config)}
+        metrics = {k: float(v) for k, v in raw_metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
         if "val_AP" in metrics:
-            metrics["ap"] = metrics["val_AP"]
-        export = storage.join(run_uri(stage, config), f"{name}_export")
-        outputs = {"checkpoint": export if storage.exists(export) else None, "run": run_uri(stage, config)}
+            metrics.setdefault("ap", metrics["val_AP"])
         summary = f"AP {metrics['ap']:.3f}" if "ap" in metrics else \
             ", ".join(f"{k} {v:.4g}" for k, v in list(metrics.items())[:2] if "loss" in k)
         return StageOutput(outputs=outputs, metrics=metrics, summary=summary)
