@@ -138,3 +138,76 @@ def test_token_needs_full_attention():
         TokenTeacher(tiny(192, attention="window", window_size=2))
     with pytest.raises(ValueError, match="full attention"):
         TokenStudent(tiny(96, attention="pooling_window", window_size=2), torch.zeros(1, 1, 192))
+
+
+# ------------------------------------------------------------------ the distill stage on Ray Train + MLflow
+
+
+@pytest.fixture(scope="module")
+def distill_shards(ray_local, tmp_path_factory) -> str:
+    from pipelines.commands.synth import write_synthetic_dataset
+    from pipelines.crops import CropConfig
+    from pipelines.shard import ShardConfig, ShardSource, run_shard
+    from vitpose_core.synthetic import SyntheticConfig
+
+    root = tmp_path_factory.mktemp("distill_data")
+    sources = []
+    for split, num_images, seed in (("train", 12, 0), ("val", 4, 1)):
+        annotations = write_synthetic_dataset(str(root / split), SyntheticConfig(num_images=num_images, seed=seed),
+                                              split)
+        sources.append(ShardSource(annotations=annotations, images=str(root / split / "images"), dataset="coco",
+                                   split=split))
+    run_shard(ShardConfig(sources=tuple(sources), out=str(root / "shards"), crop=CropConfig(width=72, height=96)))
+    return str(root / "shards")
+
+
+def test_distill_stage_uses_the_champion_teacher_and_registers_the_student_with_its_version(distill_shards, tmp_path):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipelines import registry
+    from pipelines.config import build_config
+    from pipelines.distill import DistillConfig, run_distill
+    from vitpose_core.checkpoint import load_model, save_checkpoint
+
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(tracking_uri)
+    experiment_id = mlflow.create_experiment("vitpose", artifact_location=str(tmp_path / "artifacts"))
+    torch.manual_seed(0)
+    teacher_dir = save_checkpoint(build_model("vitpose-tiny", img_size=(64, 48), depth=2), tmp_path / "teacher")
+    with mlflow.start_run(experiment_id=experiment_id):
+        version = registry.register(registry.log_checkpoint_model(teacher_dir, tracking_uri=tracking_uri), "vitpose",
+                                    tracking_uri)
+    registry.set_alias("vitpose", "champion", version, tracking_uri)
+
+    config = build_config(DistillConfig, {
+        "out": str(tmp_path / "distill"), "shards": distill_shards,  # teacher: the default models:/vitpose@champion
+        "student": {"embed_dim": 96, "depth": 2, "num_heads": 3, "mlp_hidden_dim": 192},
+        "data": {"batch_size": 8, "shuffle_buffer": 32},
+        "schedule": {"epochs": 1, "warmup_steps": 1, "kind": "constant"},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 0.25},
+        "eval": {"batch_size": 16, "num_visualized": 0},
+        "distill": {"knowledge_token": True, "token_epochs": 1, "output_weight": 0.5},
+        "tracking": {"tracking_uri": tracking_uri, "experiment": "vitpose"},
+    })
+    record = run_distill(config)
+
+    assert record["teacher_version"] == version and record["teacher_name"] == "vitpose"
+    student = load_model(record["checkpoint"])  # the deployable student: a plain ViTPose, no token
+    assert student.config.embed_dim == 96 and student.config.img_size == (64, 48)  # the teacher's resolution
+    tokens = load_file_tokens(record["token_checkpoint"])
+    assert tokens.shape == (1, 1, 192)
+    registration = record["registry"]
+    assert registration["model_name"] == "vitpose-student" and registration["promoted"]  # first student
+    tags = MlflowClient().get_model_version("vitpose-student", registration["candidate_version"]).tags
+    assert tags["teacher_version"] == version and tags["knowledge_token"] == "True" and "val_AP" in tags
+    run = MlflowClient().get_run(record["mlflow_run_id"])
+    assert "train_output_distill_loss" in run.data.metrics and "val_AP" in run.data.metrics
+
+
+def load_file_tokens(token_dir: str) -> torch.Tensor:
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(token_dir) / "token.safetensors"))["tokens"]

@@ -1,0 +1,147 @@
+"""Tune stage: strict search-space configs (fast) and real 4-trial ASHA sweeps with MLflow (slow).
+
+The slow tests run real Ray Tune over the real finetune Train loop on tiny synthetic shards, with a
+real sqlite MLflow store: a 4-trial sweep (early stop, winner = best val AP, trials as children of the
+sweep run, champion registration), and a driver killed with SIGKILL mid-sweep, then restored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import ConfigError, build_config, load_yaml
+from pipelines.tune import TuneConfig, trial_finetune_config, trial_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "pipelines" / "configs"
+
+
+@pytest.mark.parametrize("name", ["tune_tiny.yaml", "tune_sweep.yaml"])
+def test_shipped_tune_configs_load_and_every_axis_value_builds_a_finetune_config(name):
+    config = build_config(TuneConfig, {**load_yaml(CONFIGS / name)["tune"], "out": "/tmp/o", "shards": "/tmp/s"})
+    assert {"model.input_size", "attention", "optim.lr"} <= set(config.search_space)
+    attention = config.search_space["attention"].grid
+    trial = trial_finetune_config(config, {"model.input_size": [144, 192], "attention": attention[-1],
+                                           "optim.lr": 1e-3}, "t1")
+    assert trial.model.input_size == (144, 192) and trial.model.attention == attention[-1]["model.attention"]
+    assert trial.data.shards == "/tmp/s" and trial.checkpoint.storage_path.endswith("trials")
+    assert config.experiment_name.startswith(config.name + "-")
+
+
+def test_search_space_typos_fail_at_load_time():
+    with pytest.raises(ConfigError, match="optim.lrr|lrr"):
+        build_config(TuneConfig, {"out": "o", "shards": "s", "search_space": {"optim.lrr": {"grid": [1e-3]}}})
+    with pytest.raises(ConfigError, match="exactly one"):
+        build_config(TuneConfig, {"out": "o", "shards": "s",
+                                  "search_space": {"optim.lr": {"grid": [1e-3], "loguniform": [1e-4, 1e-3]}}})
+    with pytest.raises(ConfigError, match="attention"):
+        build_config(TuneConfig, {"out": "o", "shards": "s",
+                                  "search_space": {"attention": {"grid": [{"model.attention": "global"}]}}})
+
+
+def test_mapping_values_set_coupled_keys():
+    params = {"attention": {"model.attention": "window", "model.window_size": 4}, "optim.lr": 1e-3}
+    assert trial_overrides(params) == {"model.attention": "window", "model.window_size": 4, "optim.lr": 1e-3}
+
+
+# ------------------------------------------------------------------------------------------ slow: Ray
+
+
+@pytest.fixture(scope="module")
+def tune_shards(ray_local, tmp_path_factory) -> str:
+    from pipelines.commands.synth import write_synthetic_dataset
+    from pipelines.crops import CropConfig
+    from pipelines.shard import ShardConfig, ShardSource, run_shard
+    from vitpose_core.synthetic import SyntheticConfig
+
+    root = tmp_path_factory.mktemp("tune_data")
+    sources = []
+    for split, num_images, seed in (("train", 40, 0), ("val", 8, 1)):
+        annotations = write_synthetic_dataset(str(root / split), SyntheticConfig(num_images=num_images, seed=seed),
+                                              split)
+        sources.append(ShardSource(annotations=annotations, images=str(root / split / "images"), dataset="coco",
+                                   split=split))
+    run_shard(ShardConfig(sources=tuple(sources), out=str(root / "shards"), crop=CropConfig(width=144, height=192)))
+    return str(root / "shards")
+
+
+def tiny_tune_config(shards: str, out: Path, tracking_uri: str, **extra) -> TuneConfig:
+    data = {**load_yaml(CONFIGS / "tune_tiny.yaml")["tune"], "out": str(out), "shards": shards,
+            "tracking": {"tracking_uri": tracking_uri, "experiment": "vitpose"}, **extra}
+    return build_config(TuneConfig, data)
+
+
+@pytest.mark.slow
+def test_four_trial_sweep_stops_early_picks_the_best_and_nests_trials_in_mlflow(tune_shards, tmp_path):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tune import run_tune
+
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    record = run_tune(tiny_tune_config(tune_shards, tmp_path / "tune", tracking_uri))
+    trials = record["trials"]
+    assert len(trials) == 4 and all(t.get("error") is None for t in trials)
+    assert any(t["stopped_early"] for t in trials), "ASHA stopped no trial"
+    best = max(trials, key=lambda t: t["best_val_AP"])
+    assert record["trial_id"] == best["trial_id"] and record["metrics"]["val_AP"] == best["best_val_AP"]
+    assert Path(record["checkpoint"], "model.safetensors").is_file()
+    assert json.loads((tmp_path / "tune" / "winner.json").read_text())["trial_id"] == best["trial_id"]
+
+    mlflow.set_tracking_uri(tracking_uri)
+    children = mlflow.search_runs(experiment_names=["vitpose"], output_format="list",
+                                  filter_string=f"tags.mlflow.parentRunId = '{record['sweep_run_id']}'")
+    assert sorted(r.info.run_name for r in children) == sorted(f"trial-{t['trial_id']}" for t in trials)
+    assert all("val_AP" in r.data.metrics and "optim.lr" in r.data.params for r in children)
+    # first registration: no champion yet, so the winner becomes it; the comparison is logged either way
+    assert record["registry"]["promoted"] and record["registry"]["champion_version_before"] is None
+    assert MlflowClient().get_model_version_by_alias("vitpose", "champion").version == record["version"]
+    artifacts = {a.path for a in MlflowClient().list_artifacts(record["sweep_run_id"])}
+    assert {"trials.json", "winner.json", "champion_comparison.json"} <= artifacts
+
+
+@pytest.mark.slow
+def test_killed_driver_is_restored_and_continues_the_same_experiment(tune_shards, tmp_path):
+    import ray
+
+    from pipelines.tune import run_tune
+
+    out = tmp_path / "tune"
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = ["--set", "registry.enabled=false", "--set", f"tracking.tracking_uri={tracking_uri}"]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "disabled"}
+    driver = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "tune", "--config", str(CONFIGS / "tune_tiny.yaml"),
+                               "--shards", tune_shards, "--out", str(out), *overrides],
+                              cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # kill it once some trial has a Train checkpoint (an epoch done) and before the sweep ends
+    deadline = time.time() + 600
+    while time.time() < deadline and not list((out / "trials").glob("train-*/checkpoint_*")):
+        assert driver.poll() is None, "the tune driver exited before it could be killed"
+        time.sleep(2)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    assert not (out / "winner.json").exists()
+    sweep_before = json.loads((out / "sweep.json").read_text())
+    checkpoints_before = {p.parent.name: p.name for p in (out / "trials").glob("train-*/checkpoint_*")}
+    experiment_dirs = list(out.glob("tune-tiny-*"))
+    assert len(experiment_dirs) == 1
+
+    config = tiny_tune_config(tune_shards, out, tracking_uri, registry={"enabled": False})
+    record = run_tune(config)
+    # the same experiment and sweep run, the same four trials (not four new ones)
+    assert list(out.glob("tune-tiny-*")) == experiment_dirs
+    assert record["sweep_run_id"] == sweep_before["sweep_run_id"]
+    assert len(record["trials"]) == 4
+    assert {f"train-{t['trial_id']}" for t in record["trials"]} >= set(checkpoints_before)
+    # a trial interrupted after its first epoch resumed its Train run: its curve starts at epoch 1, not over
+    for name in checkpoints_before:
+        trial = next(t for t in record["trials"] if f"train-{t['trial_id']}" == name)
+        assert len(trial["curve"]) == trial["epochs"], "epochs were reported twice: the trial started over"
