@@ -20,6 +20,8 @@ COMMANDS: dict[str, str] = {
     "shard": "pipelines.commands.shard",
     "synth": "pipelines.commands.synth",
     "serve": "pipelines.commands.serve",
+    "tune": "pipelines.commands.tune",
+    "distill": "pipelines.commands.distill",
     "run": "pipelines.commands.run",
 }
 
