@@ -10,8 +10,16 @@ import numpy as np
 import pytest
 
 from vitpose_core.keypoints import COCO
-from vitpose_core.synthetic import (L_ELB, L_WRI, R_ELB, R_WRI, SyntheticConfig, coco_json, iter_dataset,
-                                    render_image)
+from vitpose_core.synthetic import (
+    L_ELB,
+    L_WRI,
+    R_ELB,
+    R_WRI,
+    SyntheticConfig,
+    coco_json,
+    iter_dataset,
+    render_image,
+)
 
 CONFIG = SyntheticConfig(num_images=40, seed=3)
 
