@@ -124,8 +124,12 @@ def _guess_grid(num_patches: int) -> tuple[int, int]:
 
 
 def load_state_dict_into(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint",
-                         source_grid: tuple[int, int] | None = None) -> None:
-    """Strictly load ``state`` into ``model``; resize pos_embed if the token grids differ."""
+                         source_grid: tuple[int, int] | None = None, assign: bool = False) -> None:
+    """Strictly load ``state`` into ``model``; resize pos_embed if the token grids differ.
+
+    ``assign=True`` makes the model adopt the checkpoint tensors instead of copying into its own,
+    which lets ``load_model`` build the model on the meta device and skip random initialisation.
+    """
     model = unwrap_model(model)
     state = dict(state)
     skipped = [k for k in state if k.startswith(SKIPPED_OFFICIAL_PREFIXES)]
@@ -163,10 +167,10 @@ def load_state_dict_into(model: nn.Module, state: dict[str, torch.Tensor], sourc
         problems.append(f"shape mismatch: {', '.join(mis_shaped)}")
     if problems:
         raise CheckpointError(f"{source} does not fit the model: " + "; ".join(problems))
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True, assign=assign)
 
 
-def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
+def load_checkpoint(model: nn.Module, path: str | Path, assign: bool = False) -> nn.Module:
     """Load an official ViTPose ``.pth`` or an own-format checkpoint into ``model`` (strict)."""
     path = Path(path)
     state = read_state_dict(path)
@@ -176,7 +180,7 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
         from vitpose_core.models.vit import token_grid_size
 
         source_grid = token_grid_size(config.img_size, config.patch_size, config.patch_padding)
-    load_state_dict_into(model, state, source=str(path), source_grid=source_grid)
+    load_state_dict_into(model, state, source=str(path), source_grid=source_grid, assign=assign)
     return model
 
 
@@ -222,6 +226,8 @@ def load_model(path: str | Path, **overrides: Any) -> ViTPose:
         config = infer_official_config(state, **overrides)
     elif overrides:
         config = ViTPoseConfig(**{**config.model_dump(), **overrides})
-    model = build_model_from_config(config)
-    load_checkpoint(model, path)
+    # build without allocating or initialising weights: the checkpoint supplies every tensor
+    with torch.device("meta"):
+        model = build_model_from_config(config)
+    load_checkpoint(model, path, assign=True)
     return model.eval()
