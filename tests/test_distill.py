@@ -188,7 +188,7 @@ def test_distill_stage_uses_the_champion_teacher_and_registers_the_student_with_
         "scaling": {"num_workers": 1, "cpus_per_worker": 0.25},
         "eval": {"batch_size": 16, "num_visualized": 0},
         "distill": {"knowledge_token": True, "token_epochs": 1, "output_weight": 0.5},
-        "tracking": {"tracking_uri": tracking_uri, "experiment": "vitpose"},
+        "tracking": {"tracking_uri": tracking_uri, "experiment": "vitpose", "log_every_n_steps": 1},
     })
     record = run_distill(config)
 
