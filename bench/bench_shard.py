@@ -80,10 +80,16 @@ def replicate(document: dict, folder: Path, root: Path, copies: int) -> tuple[Pa
     return path, big
 
 
-def baseline(annotations: Path, folder: Path, out: Path, crop: CropConfig) -> dict:
-    """The single-process loop: pycocotools index, cv2 decode, same crop + encode, pyarrow write."""
+def baseline(annotations: Path, folder: Path, out: Path, crop: CropConfig, cv2_threads: int | None = None) -> dict:
+    """The single-process loop: pycocotools index, cv2 decode, same crop + encode, pyarrow write.
+
+    `cv2_threads=None` leaves cv2's own thread pool on (what a plain script gets); 1 pins it to one core.
+    """
     from pycocotools.coco import COCO
 
+    saved_threads = cv2.getNumThreads()
+    if cv2_threads is not None:
+        cv2.setNumThreads(cv2_threads)
     start = time.perf_counter()
     coco = COCO(str(annotations))
     out.mkdir(parents=True)
@@ -109,6 +115,7 @@ def baseline(annotations: Path, folder: Path, out: Path, crop: CropConfig) -> di
     if rows["image"]:
         pq.write_table(pa.table(rows), out / f"part-{part:05d}.parquet")
     seconds = time.perf_counter() - start
+    cv2.setNumThreads(saved_threads)
     return {"crops": crops, "seconds": round(seconds, 2), "crops_per_s": round(crops / seconds, 1)}
 
 
@@ -196,11 +203,13 @@ def main() -> None:
         annotations, folder, document = make_dataset(root, args.images)
         results["generate_seconds"] = round(time.perf_counter() - start, 1)
         print(f"generated {args.images} images in {results['generate_seconds']} s", flush=True)
+        warm, _, _ = make_dataset(root / "warm", 20, seed=1)  # before ray.init: no fork of a Ray driver
         results["baseline_single_process"] = baseline(annotations, folder, root / "baseline", crop)
         print("baseline", results["baseline_single_process"], flush=True)
+        results["baseline_single_thread"] = baseline(annotations, folder, root / "baseline1", crop, cv2_threads=1)
+        print("baseline, cv2 on one thread", results["baseline_single_thread"], flush=True)
 
         ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
-        warm, _, _ = make_dataset(root / "warm", 20, seed=1)
         ray_run(warm, root / "warm" / "images", root / "warm_out", crop, 20)  # starts the Ray workers
         results["ray_data_2cpu"] = ray_run(annotations, folder, root / "ray_out", crop, args.images)
         print("ray", results["ray_data_2cpu"], flush=True)
@@ -228,10 +237,14 @@ def to_markdown(r: dict) -> str:
         "(other jobs shared the machine).", "",
         "| run | images | crops | seconds | crops/s | peak private MiB | peak shared MiB |",
         "|---|---|---|---|---|---|---|",
-        f"| single process (pycocotools + cv2) | {r['images']} | {b['crops']} | {b['seconds']} | {b['crops_per_s']} | - | - |",
+        f"| single process (pycocotools + cv2, cv2 threads on) | {r['images']} | {b['crops']} | {b['seconds']} | {b['crops_per_s']} | - | - |",
         f"| Ray Data, 2 CPUs | {s['images']} | {s['crops']} | {s['seconds']} | {s['crops_per_s']} | "
         f"{s['peak_private_mib']} | {s['peak_shared_mib']} |",
     ]
+    if "baseline_single_thread" in r:
+        t = r["baseline_single_thread"]
+        lines.insert(-1, f"| single process, cv2 on 1 thread | {r['images']} | {t['crops']} | {t['seconds']} | "
+                         f"{t['crops_per_s']} | - | - |")
     if "ray_data_2cpu_large" in r:
         g = r["ray_data_2cpu_large"]
         lines.append(f"| Ray Data, 2 CPUs | {g['images']} | {g['crops']} | {g['seconds']} | {g['crops_per_s']} | "

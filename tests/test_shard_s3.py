@@ -81,3 +81,15 @@ def test_training_stream_reads_from_s3_with_and_without_ray(local_and_s3):
     assert ids(standalone) == ids(through_ray) and len(ids(standalone)) == 12
     image = np.concatenate([b["image"].numpy() for b in standalone])
     assert image.shape == (12, 3, 128, 96)
+
+
+def test_storage_helpers_on_s3(s3_server):
+    uri = f"s3://{BUCKET}/storage-test/a/b.bin"
+    storage.write_bytes(uri, b"abc")
+    assert storage.exists(uri) and storage.read_bytes(uri) == b"abc"
+    assert storage.list_files(f"s3://{BUCKET}/storage-test", recursive=True) == [uri]
+    assert storage.sha256_of(uri)[1] == 3
+    with pytest.raises(FileNotFoundError, match="nope"):
+        storage.read_bytes(f"s3://{BUCKET}/storage-test/nope")
+    storage.delete_dir(f"s3://{BUCKET}/storage-test")
+    assert not storage.exists(uri)
