@@ -10,7 +10,7 @@ from vitpose_core.codec import UDPHeatmapCodec
 from vitpose_core.engine import (
     EngineConfig,
     FinetuneTask,
-    crop_to_image_points,
+    apply_affines,
     eval_step,
     predict_keypoints,
     run_epoch,
@@ -79,10 +79,10 @@ def test_nan_loss_is_an_error_naming_the_step():
         train_step(model, FinetuneTask(), batch, build_adamw(model, lr=1e-3), None, EngineConfig(), step=3)
 
 
-def test_crop_to_image_points_applies_each_affine():
+def test_apply_affines_maps_each_sample():
     points = np.array([[[1.0, 2.0]], [[1.0, 2.0]]])
     affines = np.array([[[2, 0, 10], [0, 2, 20]], [[1, 0, 0], [0, 1, 0]]], dtype=np.float64)
-    assert crop_to_image_points(points, affines).tolist() == [[[12.0, 24.0]], [[1.0, 2.0]]]
+    assert apply_affines(points, affines).tolist() == [[[12.0, 24.0]], [[1.0, 2.0]]]
 
 
 def test_predict_keypoints_maps_to_image_and_flip_test_is_symmetric():
@@ -90,7 +90,7 @@ def test_predict_keypoints_maps_to_image_and_flip_test_is_symmetric():
     model = build_model("vitpose-tiny", img_size=IMG)
     codec = UDPHeatmapCodec(input_size=(IMG[1], IMG[0]))
     batch = make_batches(1, batch_size=2)[0]
-    batch["crop_to_image"] = torch.tensor([[[1.0, 0, 100], [0, 1.0, 50]]] * 2)
+    batch["input_to_image"] = torch.tensor([[[1.0, 0, 100], [0, 1.0, 50]]] * 2)
     batch["image_id"] = torch.tensor([7, 8])
     out = next(predict_keypoints(model, [batch], codec, EngineConfig(), flip_index=COCO.flip_index))
     assert out["keypoints"].shape == (2, 17, 2) and out["scores"].shape == (2, 17)

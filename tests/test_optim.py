@@ -75,3 +75,17 @@ def test_build_scheduler_rejects_bad_warmup():
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
     with pytest.raises(ValueError, match="warmup_steps"):
         build_scheduler(optimizer, total_steps=10, warmup_steps=11)
+
+
+def test_wrapper_prefixes_do_not_change_the_groups():
+    model = build_model("vitpose-tiny", img_size=(64, 48))
+
+    class Wrapper(torch.nn.Module):  # stands in for DDP's `module.` prefix
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    plain = layer_decay_param_groups(model, lr=1e-3, weight_decay=0.1, layer_decay=0.8)
+    wrapped = layer_decay_param_groups(Wrapper(model), lr=1e-3, weight_decay=0.1, layer_decay=0.8)
+    assert [g["param_names"] for g in plain] == [g["param_names"] for g in wrapped]
+    assert [g["lr"] for g in plain] == [g["lr"] for g in wrapped]

@@ -27,6 +27,8 @@ import torch
 from torch import nn
 
 from vitpose_core.codec import UDPHeatmapCodec, flip_heatmaps, keypoint_mse_loss
+from vitpose_core.evaluation import PersonPrediction, evaluate_keypoints, rescore_and_nms
+from vitpose_core.keypoints import KeypointSet
 
 Batch = Mapping[str, Any]
 Precision = Literal["bf16", "fp32"]
@@ -219,10 +221,10 @@ def predict_heatmaps(model: nn.Module, images: torch.Tensor, config: EngineConfi
     return heatmaps
 
 
-def crop_to_image_points(points: np.ndarray, crop_to_image: np.ndarray) -> np.ndarray:
-    """Points (N, K, 2) in crop pixels -> original image pixels through per-sample (N, 2, 3) affines."""
+def apply_affines(points: np.ndarray, affines: np.ndarray) -> np.ndarray:
+    """Points (N, K, 2) -> points (N, K, 2) through per-sample (N, 2, 3) affines (e.g. input -> image pixels)."""
     homogeneous = np.concatenate([points, np.ones_like(points[..., :1])], axis=-1)  # (N, K, 3)
-    return np.einsum("nij,nkj->nki", crop_to_image, homogeneous)
+    return np.einsum("nij,nkj->nki", affines, homogeneous)
 
 
 def predict_keypoints(
@@ -233,16 +235,21 @@ def predict_keypoints(
     flip_index: Sequence[int] | None = None,
     passthrough: Sequence[str] = ("image_id", "ann_id", "bbox", "area"),
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Per batch: ``keypoints`` (B, K, 2) in image pixels (via ``crop_to_image``) and ``scores`` (B, K).
+    """Per batch: ``keypoints`` (B, K, 2) in original image pixels and ``scores`` (B, K).
 
-    Fields named in ``passthrough`` that the batch carries are copied to the output as numpy, so a
-    COCO evaluator can match predictions to annotations.
+    Decoded keypoints are in model-input pixels; the batch's ``input_to_image`` (B, 2, 3) affine
+    (the inverse input warp composed with the shard's ``crop_to_image``) maps them back. Fields named
+    in ``passthrough`` are copied to the output, so an evaluator can match predictions to annotations;
+    ``input_area`` (B,) is the input crop's area in image pixels (what OKS-NMS uses).
     """
     for batch in batches:
         heatmaps = predict_heatmaps(model, batch["image"], config, flip_index)
         keypoints, scores = codec.decode(heatmaps)
-        crop_to_image = np.asarray(_as_numpy(batch["crop_to_image"]), dtype=np.float64)
-        out = {"keypoints": crop_to_image_points(keypoints, crop_to_image), "scores": scores}
+        input_to_image = np.asarray(_as_numpy(batch["input_to_image"]), dtype=np.float64)
+        width, height = codec.input_size
+        scale = np.abs(np.linalg.det(input_to_image[:, :, :2]))  # image px^2 per input px^2
+        out = {"keypoints": apply_affines(keypoints, input_to_image), "scores": scores,
+               "input_area": scale * width * height}
         for name in passthrough:
             if name in batch:
                 out[name] = _as_numpy(batch[name])
@@ -253,3 +260,34 @@ def _as_numpy(value: Any) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         return value.detach().cpu().numpy()
     return np.asarray(value)
+
+
+def evaluate_coco_ap(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    codec: UDPHeatmapCodec,
+    ground_truth: Any,
+    keypoint_set: KeypointSet,
+    config: EngineConfig,
+    flip_test: bool = True,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """COCO keypoint AP of ``model`` on ground-truth person crops, as the official top-down evaluation.
+
+    Args:
+        batches: evaluation batches (no augmentation) carrying ``image``, ``input_to_image`` and
+            ``image_id``.
+        ground_truth: a pycocotools ``COCO`` of the same images (``evaluation.load_ground_truth``).
+        flip_test: average with the mirrored crop's heatmaps (ViTPose's default test setting).
+
+    Returns:
+        The COCO stats (``AP``, ``AP50``, ... ``ARl``) and the COCO results list that produced them.
+    """
+    predictions = []
+    flip_index = keypoint_set.flip_index if flip_test else None
+    for out in predict_keypoints(model, batches, codec, config, flip_index):
+        for i, image_id in enumerate(out["image_id"]):
+            keypoints = np.concatenate([out["keypoints"][i], out["scores"][i][:, None]], axis=1)  # (K, 3)
+            predictions.append(PersonPrediction(image_id=int(image_id), keypoints=keypoints,
+                                                area=float(out["input_area"][i])))
+    results = rescore_and_nms(predictions, keypoint_set.sigmas_array())
+    return evaluate_keypoints(ground_truth, results, keypoint_set.sigmas_array()), results

@@ -40,6 +40,13 @@ def layer_id(name: str, num_layers: int, backbone_prefix: str = "backbone.") -> 
     return num_layers + 1
 
 
+def clean_parameter_name(name: str) -> str:
+    """The plain model's name of a parameter seen through DDP / FSDP / activation-checkpoint wrappers."""
+    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
+        name = name.replace(wrapper, "")
+    return name.removeprefix("module.")
+
+
 def skips_weight_decay(name: str, param: torch.Tensor) -> bool:
     """Biases, norm weights (1-D) and position embeddings / mask tokens get no weight decay."""
     return param.ndim <= 1 or name.endswith(("pos_embed", "mask_token"))
@@ -56,7 +63,8 @@ def layer_decay_param_groups(
     """AdamW parameter groups: one per (layer, decay / no-decay), each with its own ``lr``.
 
     Args:
-        model: the unwrapped model (names must not carry a DDP ``module.`` prefix).
+        model: the model, plain or wrapped by DDP / FSDP (``use_orig_params=True``); wrapper
+            prefixes are removed from names before layers are assigned.
         lr: base learning rate (the rate of the last layer, i.e. the head).
         weight_decay: applied to matrices and conv kernels only.
         layer_decay: per-layer multiplier; 1.0 disables layer-wise decay.
@@ -68,7 +76,7 @@ def layer_decay_param_groups(
         Groups with keys ``params``, ``lr``, ``weight_decay``, ``lr_scale`` and ``layer_id``; the
         schedule multiplies each group's initial ``lr``, so the decay survives the schedule.
     """
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    named = [(clean_parameter_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("model has no trainable parameters")
     if num_layers is None:

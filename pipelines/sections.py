@@ -1,0 +1,120 @@
+"""Small config sections the training stages compose (torchtitan style: each function takes only its section).
+
+Every section is a frozen ``StrictConfig``: an unknown key anywhere is an error that names it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from pipelines.config import StrictConfig
+from pipelines.data import StreamConfig
+from vitpose_core.models import VARIANTS
+
+
+class ModelSection(StrictConfig):
+    variant: str = "vitpose-tiny"
+    input_size: tuple[int, int] = Field((192, 256), description="model input (W, H); heatmaps are 1/4")
+    drop_path_rate: float | None = Field(None, ge=0, lt=1, description="None: the variant's official rate")
+    attention: Literal["full", "window", "shifted_window", "pooling_window"] = "full"
+    window_size: int = Field(8, ge=1)
+    grad_checkpointing: bool = False
+    pretrained: str | None = Field(None, description="MAE encoder dir (pretrain output) or a ViTPose checkpoint")
+
+    @field_validator("variant")
+    @classmethod
+    def _known_variant(cls, value: str) -> str:
+        if value not in VARIANTS:
+            raise ValueError(f"unknown variant {value!r}; known: {sorted(VARIANTS)}")
+        return value
+
+    def overrides(self) -> dict[str, Any]:
+        """Keyword overrides for ``build_model`` / ``variant_config``."""
+        fields: dict[str, Any] = {"img_size": (self.input_size[1], self.input_size[0]), "attention": self.attention,
+                                  "window_size": self.window_size, "grad_checkpointing": self.grad_checkpointing,
+                                  "drop_path_rate": self.drop_path_rate if self.drop_path_rate is not None
+                                  else VARIANTS[self.variant].drop_path_rate}
+        return fields
+
+
+class DataSection(StrictConfig):
+    shards: str | None = Field(None, description="output of the shard stage (local path or s3://); the "
+                               "`vitpose run` pipeline fills it in")
+    val_annotations: str | None = Field(None, description="COCO json of the val split; None: from the manifest")
+    batch_size: int = Field(64, ge=1, description="global batch, split evenly over the workers")
+    shuffle_buffer: int = Field(1024, ge=1)
+    stream: StreamConfig = StreamConfig()
+
+    @model_validator(mode="after")
+    def _input_size_lives_in_model(self) -> DataSection:
+        if "input_size" in self.stream.model_fields_set:
+            raise ValueError("data.stream.input_size is set from model.input_size; remove it from data.stream")
+        return self
+
+    def stream_config(self, input_size: tuple[int, int]) -> StreamConfig:
+        return self.stream.model_copy(update={"input_size": tuple(input_size)})
+
+
+class OptimSection(StrictConfig):
+    lr: float = Field(5e-4, gt=0, description="base lr of the head (official ViTPose: 5e-4 at batch 512)")
+    weight_decay: float = Field(0.1, ge=0)
+    layer_decay: float | None = Field(None, gt=0, le=1, description="None: the variant's official rate")
+    betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+
+    def layer_decay_for(self, config: Any) -> float:
+        return self.layer_decay if self.layer_decay is not None else VARIANTS[config.model.variant].layer_decay
+
+
+class ScheduleSection(StrictConfig):
+    epochs: int = Field(210, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="cap on optimiser steps (short runs, benchmarks)")
+    warmup_steps: int = Field(500, ge=0)
+    warmup_ratio: float = Field(0.001, ge=0, le=1)
+    kind: Literal["step", "cosine", "constant"] = "step"
+    milestones: tuple[int, ...] = Field((170, 200), description="epochs where the step schedule multiplies by gamma")
+    gamma: float = Field(0.1, gt=0, le=1)
+    min_ratio: float = Field(0.0, ge=0, le=1, description="cosine floor as a fraction of the lr")
+
+
+class ScalingSection(StrictConfig):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(0.5, gt=0)
+    gpus_per_worker: float = Field(1.0, gt=0)
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="fsdp (GPU only) for ViTPose-H/G")
+    precision: Literal["bf16", "fp32"] = "bf16"
+
+    @model_validator(mode="after")
+    def _fsdp_needs_gpu(self) -> ScalingSection:
+        if self.strategy == "fsdp" and not self.use_gpu:
+            raise ValueError("scaling.strategy 'fsdp' needs use_gpu: true (Ray's FSDP wrapper is CUDA only); "
+                             "use 'ddp' on CPU")
+        return self
+
+    def strategy_kwargs(self, model: Any) -> dict[str, Any] | None:
+        """FSDP: shard per transformer block, bf16 params, original parameters kept for layer decay."""
+        if self.strategy != "fsdp":
+            return None
+        import functools
+
+        import torch
+        from torch.distributed.fsdp import MixedPrecision
+        from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+        from vitpose_core.models.vit import Block
+
+        mixed = (MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, buffer_dtype=torch.float32)
+                 if self.precision == "bf16" else None)
+        return {"auto_wrap_policy": functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={Block}),
+                "mixed_precision": mixed, "use_orig_params": True}
+
+
+class CheckpointSection(StrictConfig):
+    storage_path: str = Field("runs", description="Ray Train storage: a local directory or s3://bucket/prefix")
+    name: str | None = Field(None, description="run name; None: <stage>-<config hash> (same config -> resume)")
+    every_n_steps: int = Field(200, ge=1)
+    num_to_keep: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint")
