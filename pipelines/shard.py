@@ -227,6 +227,8 @@ def _run_crop_job(config: ShardConfig, out: str, image_tasks: list[dict[str, Any
             f"{out_path}/{SHARDS_DIR}", filesystem=out_fs, mode="overwrite",
             min_rows_per_file=config.rows_per_file, max_rows_per_file=config.rows_per_file,
             filename_provider=ShardFilenames(), schema=shard_schema(),
+            # writing is I/O: a quarter CPU keeps it from stalling a crop task on small clusters
+            ray_remote_args={"num_cpus": 0.25},
         )
     finally:
         context.execution_options.preserve_order = saved_order
