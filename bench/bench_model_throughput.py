@@ -101,7 +101,11 @@ def main() -> None:
         model_ours = build_model("vitpose-b")
         model_ours.load_state_dict(state)  # identical weights on both sides
         runners.append(("ours", setting, make_runner("ours", model_ours, setting, False)))
-        runners.append(("transformers", setting, make_runner("hf", build_hf_model(ours.config, state), setting, True)))
+    # the peer in its own settings: fused (sdpa) and eager attention, autocast and bf16 weights
+    for setting, attn in [("fp32", "sdpa"), ("bf16-autocast", "eager"), ("bf16-autocast", "sdpa"),
+                          ("bf16-weights", "sdpa")]:
+        hf_model = build_hf_model(ours.config, state, attn_implementation=attn)
+        runners.append((f"transformers-{attn}", setting, make_runner("hf", hf_model, setting, True)))
 
     # accuracy: every setting's heatmaps against our fp32 heatmaps, and decoded keypoints
     reference = runners[0][2](x[:4])
@@ -133,7 +137,7 @@ def main() -> None:
                      "gflops": crops_per_s * flops_per_crop / 1e9,
                      "utilisation": crops_per_s * flops_per_crop / 1e9 / peak, **accuracy[(side, setting)]})
     best_ours = max((r for r in rows if r["impl"] == "ours"), key=lambda r: r["crops_per_s"])
-    best_hf = max((r for r in rows if r["impl"] == "transformers"), key=lambda r: r["crops_per_s"])
+    best_hf = max((r for r in rows if r["impl"].startswith("transformers")), key=lambda r: r["crops_per_s"])
     ratio = best_ours["crops_per_s"] / best_hf["crops_per_s"]
 
     lines = [
@@ -151,7 +155,7 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['impl']} | {r['setting']} | {r['crops_per_s']:.2f} | {r['gflops']:.0f} | "
                      f"{100 * r['utilisation']:.0f}% | {r['rel_diff']:.4f} | {r['max_keypoint_shift_px']:.2f} |")
-    lines += ["", f"Best ours ({best_ours['setting']}) / best transformers ({best_hf['setting']}): **{ratio:.2f}x**",
+    lines += ["", f"Best ours ({best_ours['setting']}) / best transformers ({best_hf['impl']} {best_hf['setting']}): **{ratio:.2f}x**",
               "", "Per-round samples (crops/s): " + json.dumps({f"{s}/{st}": [round(v, 2) for v in vals]
                                                                 for (s, st), vals in samples.items()})]
     out = Path(args.out)

@@ -169,12 +169,13 @@ class MemorySampler:
         self._thread.join()
 
 
-def ray_run(annotations: Path, folder: Path, out: Path, crop: CropConfig, images: int) -> dict:
+def ray_run(annotations: Path, folder: Path, out: Path, crop: CropConfig, images: int,
+            images_per_task: int = 16) -> dict:
     from pipelines.shard import ShardConfig, run_shard
 
     config = ShardConfig.model_validate({
         "sources": [{"annotations": str(annotations), "images": str(folder), "dataset": "coco", "split": "train"}],
-        "out": str(out), "crop": crop.model_dump()})
+        "out": str(out), "crop": crop.model_dump(), "images_per_task": images_per_task})
     with MemorySampler() as memory:
         start = time.perf_counter()
         manifest = run_shard(config, force=True)
@@ -189,6 +190,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--large", type=int, default=20000, help="images for the second memory point (0: skip)")
+    parser.add_argument("--images-per-task", type=int, default=16, help="ShardConfig.images_per_task")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "shard.json")
     args = parser.parse_args()
     import ray
@@ -196,7 +198,8 @@ def main() -> None:
     crop = CropConfig()
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                                  "ray": ray.__version__, "load_avg_at_start": os.getloadavg()[0]},
-                     "crop": crop.model_dump(), "images": args.images}
+                     "crop": crop.model_dump(), "images": args.images,
+                     "images_per_task": args.images_per_task}
     with tempfile.TemporaryDirectory(prefix="bench_shard_") as tmp:
         root = Path(tmp)
         start = time.perf_counter()
@@ -211,11 +214,11 @@ def main() -> None:
 
         ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
         ray_run(warm, root / "warm" / "images", root / "warm_out", crop, 20)  # starts the Ray workers
-        results["ray_data_2cpu"] = ray_run(annotations, folder, root / "ray_out", crop, args.images)
+        results["ray_data_2cpu"] = ray_run(annotations, folder, root / "ray_out", crop, args.images, args.images_per_task)
         print("ray", results["ray_data_2cpu"], flush=True)
         if args.large:
             big, big_folder = replicate(document, folder, root, max(1, args.large // args.images))
-            results["ray_data_2cpu_large"] = ray_run(big, big_folder, root / "ray_big", crop, args.large)
+            results["ray_data_2cpu_large"] = ray_run(big, big_folder, root / "ray_big", crop, args.large, args.images_per_task)
             print("ray large", results["ray_data_2cpu_large"], flush=True)
         results["machine"]["load_avg_at_end"] = os.getloadavg()[0]
         ray.shutdown()
@@ -238,7 +241,7 @@ def to_markdown(r: dict) -> str:
         "| run | images | crops | seconds | crops/s | peak private MiB | peak shared MiB |",
         "|---|---|---|---|---|---|---|",
         f"| single process (pycocotools + cv2, cv2 threads on) | {r['images']} | {b['crops']} | {b['seconds']} | {b['crops_per_s']} | - | - |",
-        f"| Ray Data, 2 CPUs | {s['images']} | {s['crops']} | {s['seconds']} | {s['crops_per_s']} | "
+        f"| Ray Data, 2 CPUs, {r.get('images_per_task', 16)} images/task | {s['images']} | {s['crops']} | {s['seconds']} | {s['crops_per_s']} | "
         f"{s['peak_private_mib']} | {s['peak_shared_mib']} |",
     ]
     if "baseline_single_thread" in r:
