@@ -158,7 +158,7 @@ def finetune(args: argparse.Namespace) -> None:
         if step % 10 == 0:
             payload["points"].append({"seconds": round(train_seconds, 1), "step": step, "loss": result.loss,
                                       "lr": result.lr, "images_per_s": round(result.samples_per_second, 1)})
-        finished = train_seconds > args.minutes * 60 or step >= args.steps
+        finished = train_seconds > args.minutes * 60 or step >= min(args.steps, args.stop_step or args.steps)
         if train_seconds >= next_eval or finished:
             next_eval += args.eval_every
             point = {"seconds": round(train_seconds, 1), "wall_seconds": round(time.perf_counter() - start, 1),
@@ -181,6 +181,7 @@ def main() -> None:
     parser.add_argument("--val-images", type=int, default=100)
     parser.add_argument("--minutes", type=float, default=20.0)
     parser.add_argument("--steps", type=int, default=1500, help="schedule length (and step cap)")
+    parser.add_argument("--stop-step", type=int, default=None, help="stop early without shortening the schedule")
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--layer-decay", type=float, default=1.0)

@@ -20,6 +20,8 @@ COMMANDS: dict[str, str] = {
     "shard": "pipelines.commands.shard",
     "synth": "pipelines.commands.synth",
     "serve": "pipelines.commands.serve",
+    "pretrain": "pipelines.commands.pretrain",
+    "finetune": "pipelines.commands.finetune",
     "tune": "pipelines.commands.tune",
     "distill": "pipelines.commands.distill",
     "run": "pipelines.commands.run",
