@@ -16,7 +16,6 @@ import sys
 COMMANDS: dict[str, str] = {
     "predict": "pipelines.commands.predict",
     "eval": "pipelines.commands.evaluate",
-    "convert": "pipelines.commands.convert",
     "shard": "pipelines.commands.shard",
     "synth": "pipelines.commands.synth",
     "serve": "pipelines.commands.serve",
