@@ -57,6 +57,9 @@ class RayInitSection(StrictConfig):
 
     num_cpus: int | None = Field(None, ge=1, description="local cluster only; None: all cores")
     include_dashboard: bool = False
+    log_to_driver: bool = Field(False, description="local cluster only: echo every worker's log lines here; off, "
+                                "the console shows stage lines and progress bars, worker logs stay in Ray's "
+                                "session dir (/tmp/ray/session_latest/logs) and errors still reach the driver")
     # Ray 2.60 turns token auth on for local clusters by default; the private cluster `vitpose run`
     # starts listens on 127.0.0.1 and lives as long as the command, so the local config says
     # `disabled` explicitly. Ignored when joining a cluster (RAY_ADDRESS): the cluster decides.
@@ -219,8 +222,11 @@ def ensure_ray(config: PipelineConfig) -> str:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
         return os.environ["RAY_ADDRESS"]
-    ray.init(num_cpus=config.ray.num_cpus, include_dashboard=config.ray.include_dashboard)
-    return "local"
+    # Ray Data's per-operator bars redraw with carriage returns; the pipeline draws its own per-stage bars
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    ray.init(num_cpus=config.ray.num_cpus, include_dashboard=config.ray.include_dashboard,
+             log_to_driver=config.ray.log_to_driver)
+    return f"local ({ray.get_runtime_context().gcs_address}, {int(ray.cluster_resources().get('CPU', 0))} CPUs)"
 
 
 def _experiment_id(client: Any, name: str, artifact_location: str | None) -> str:
@@ -324,7 +330,10 @@ def _run_stage(spec: StageSpec, section: Any, config: PipelineConfig, force: boo
     context = StageContext(spec.name, config, section, stage_dir, inputs, tracking_uri, experiment_id, run_id, force)
     started = time.time()
     try:
-        output = spec.run(context)
+        from pipelines.progress import StageProgress
+
+        with StageProgress(client, experiment_id, spec.name, run_id, stream=getattr(reporter, "stream", None)):
+            output = spec.run(context)
     except BaseException as error:  # KeyboardInterrupt too: the child run must not stay RUNNING
         client.set_tag(run_id, "vitpose.state", "failed")
         client.set_terminated(run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")

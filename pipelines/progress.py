@@ -67,3 +67,91 @@ class Reporter:
         self._print(f"\npipeline {'finished' if ok else 'FAILED'} in {total} (MLflow parent run {parent_run_id})")
         for line in self.summary_lines:
             self._print(line)
+
+
+class StageProgress:
+    """A progress bar for a running training stage, fed from MLflow on the driver.
+
+    Every Train run (pretrain, finetune, each tune trial, both distill runs) logs `total_steps` as a
+    param and `train_loss` every few steps from rank 0, as a descendant of the stage's MLflow run. A
+    thread here polls those runs and shows steps done / steps planned over all of them, with the latest
+    loss and val AP. Reading MLflow instead of hooking the training loop keeps the stage modules
+    unaware of the pipeline, and it works the same for a local cluster and a remote one.
+
+    On a terminal it is a tqdm bar on stderr; otherwise (logs, `ray job logs`, CI) one line every
+    `line_every_s` seconds, so a log file does not fill with carriage-return redraws.
+    """
+
+    def __init__(self, client: Any, experiment_id: str, stage: str, stage_run_id: str,
+                 stream: TextIO | None = None, poll_s: float = 5.0, line_every_s: float = 15.0) -> None:
+        import threading
+
+        self.client, self.experiment_id, self.stage, self.root = client, experiment_id, stage, stage_run_id
+        self.stream = stream or sys.stderr
+        self.poll_s, self.line_every_s = poll_s, line_every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"progress-{stage}", daemon=True)
+        self._bar: Any = None
+        self._last_line = time.time()
+
+    def __enter__(self) -> StageProgress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        if self._bar is not None:
+            self._bar.close()
+
+    def snapshot(self) -> dict[str, float] | None:
+        """Steps done and planned over the stage's Train runs, plus the latest loss and val AP."""
+        runs = self.client.search_runs([self.experiment_id], max_results=500)
+        children: dict[str, list[Any]] = {}
+        for run in runs:
+            children.setdefault(run.data.tags.get("mlflow.parentRunId"), []).append(run)
+        todo, training = [self.root], []
+        while todo:  # the stage run's descendants (tune: stage -> sweep -> trials)
+            for run in children.get(todo.pop(), []):
+                todo.append(run.info.run_id)
+                if "total_steps" in run.data.params:
+                    training.append(run)
+        if not training:
+            return None
+        done = sum(_latest_step(self.client, run) for run in training)
+        total = sum(int(run.data.params["total_steps"]) for run in training)
+        latest = max(training, key=lambda run: run.info.start_time)
+        return {"done": min(done, total), "total": total, "runs": len(training),
+                "loss": latest.data.metrics.get("train_loss"), "val_AP": latest.data.metrics.get("val_AP")}
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                state = self.snapshot()
+            except Exception:  # noqa: BLE001 - progress is best effort; a busy SQLite store must not fail a stage
+                continue
+            if state is not None:
+                self._show(state)
+
+    def _show(self, state: dict[str, float]) -> None:
+        extra = ", ".join(f"{key} {state[key]:.4g}" for key in ("loss", "val_AP") if state.get(key) is not None)
+        runs = f"{state['runs']} runs, " if state["runs"] > 1 else ""
+        if self.stream.isatty():
+            if self._bar is None:
+                from tqdm import tqdm
+
+                self._bar = tqdm(total=state["total"], desc=f"      {self.stage}", unit="step", file=self.stream,
+                                 leave=False, dynamic_ncols=True)
+            self._bar.total = state["total"]
+            self._bar.n = state["done"]
+            self._bar.set_postfix_str(f"{runs}{extra}")
+        elif time.time() - self._last_line >= self.line_every_s:
+            self._last_line = time.time()
+            percent = 100 * state["done"] / max(state["total"], 1)
+            print(f"      {self.stage}: step {state['done']:.0f}/{state['total']:.0f} ({percent:.0f}%) {runs}{extra}",
+                  file=self.stream, flush=True)
+
+
+def _latest_step(client: Any, run: Any) -> int:
+    history = client.get_metric_history(run.info.run_id, "train_loss")
+    return max((point.step for point in history), default=0)

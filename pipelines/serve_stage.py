@@ -24,7 +24,27 @@ class ServeStageSection(StrictConfig):
     port: int = Field(8000, ge=1, le=65535)
     app_name: str = "vitpose"
     startup_timeout_s: float = Field(180.0, gt=0)
+    find_free_port: bool = Field(True, description="when `port` is taken (another Serve on the machine), use a free one")
     app: dict[str, Any] = {}
+
+
+def _port_free(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 def _sample_jpeg() -> bytes:
@@ -66,9 +86,12 @@ def run_serve_stage(context: StageContext, section: ServeStageSection) -> StageO
     args = dict(section.app)
     args["model"] = {**args.get("model", {}), "registered_model": registered.get("model_name", "vitpose"),
                      "alias": registered.get("alias", "champion"), "tracking_uri": context.tracking_uri}
-    serve.start(http_options={"host": section.host, "port": section.port})
+    port = section.port if _port_free(section.host, section.port) or not section.find_free_port else _free_port(section.host)
+    if port != section.port:
+        print(f"      serve: port {section.port} is taken on {section.host}; serving on {port}", flush=True)
+    serve.start(http_options={"host": section.host, "port": port})
     serve.run(build_app(args), name=section.app_name, route_prefix="/", blocking=False)
-    url = f"http://{section.host}:{section.port}"
+    url = f"http://{section.host}:{port}"
     wait_healthy(url, section.startup_timeout_s)
 
     started = time.perf_counter()

@@ -23,6 +23,7 @@ from pydantic import Field
 from pipelines import storage
 from pipelines.config import StrictConfig, build_config
 from pipelines.pipeline import StageContext, StageOutput, StageSpec
+from pipelines.register_stage import run_register_stage, validate_register
 
 logger = logging.getLogger(__name__)
 
@@ -105,13 +106,39 @@ def run_shard_stage(context: StageContext) -> StageOutput:
 
 # ------------------------------------------------------------------------------------- training stages
 
+# Inside `vitpose run` the register stage alone decides the champion (pipelines/register_stage.py), so
+# tune and distill must not register models themselves; a section that asks them to is an error.
+SELF_REGISTERING = ("tune", "distill")
+
+
+def _checkpoint_attention(uri: str) -> str | None:
+    """The attention type a checkpoint was trained with (from its config.json), None if unreadable."""
+    try:
+        return json.loads(storage.read_text(storage.join(uri, "config.json")))["model"]["attention"]
+    except (FileNotFoundError, KeyError, ValueError):
+        return None
+
+
+def pick_teacher(upstream: dict[str, dict[str, Any]], knowledge_token: bool) -> str | None:
+    """The distill teacher: the best-AP checkpoint of tune and finetune. The knowledge token only fits
+    full-attention teachers (window attention rejects the extra token), so others are passed over then."""
+    scored = []
+    for name in ("tune", "finetune"):
+        outputs, metrics = upstream.get(name, {}).get("outputs", {}), upstream.get(name, {}).get("metrics", {})
+        checkpoint = outputs.get("checkpoint")
+        if not checkpoint or (knowledge_token and _checkpoint_attention(checkpoint) not in ("full", None)):
+            continue
+        scored.append((metrics.get("ap", float("-inf")), checkpoint))
+    return max(scored)[1] if scored else None
+
 
 def _training_stage(name: str, needs_inputs: tuple[str, ...], optional_inputs: tuple[str, ...] = ()) -> StageSpec:
-    """A Ray Train stage from `pipelines.<name>`: `<Name>Config` + `run_<name>(config) -> ray Result`.
+    """A Ray Train stage from `pipelines.<name>`: `<Name>Config` + `run_<name>(config)`.
 
-    The pipeline fills `data.shards`, `checkpoint.storage_path` (<workdir>/<stage>/train, so the
-    stage's config-hash run name resumes an interrupted run), the MLflow parent run and, for
-    finetune, `model.pretrained` from the pretrain stage's exported encoder.
+    The pipeline fills `data.shards` (or the flat `shards`), `checkpoint.storage_path` / `out` under
+    `<workdir>/<stage>/` (fixed paths, so the stage's config-hash run name resumes an interrupted run),
+    the MLflow parent run, `model.pretrained` / `pretrain_checkpoint` from the pretrain export for
+    finetune and tune, and distill's `teacher` from the tune/finetune records.
     """
     module_name = f"pipelines.{name}"
 
@@ -119,29 +146,39 @@ def _training_stage(name: str, needs_inputs: tuple[str, ...], optional_inputs: t
         return getattr(importlib.import_module(module_name), f"{name.capitalize()}Config")
 
     def inject(section: dict[str, Any], context: StageContext | None) -> dict[str, Any]:
+        from pipelines.config import ConfigError
+
         fields = config_class().model_fields
         data = {key: dict(value) if isinstance(value, dict) else value for key, value in section.items()}
-        upstream = {n: r.get("outputs", {}) for n, r in context.inputs.items()} if context else {}
-        shards = upstream.get("shard", {}).get("shards", "<shard>/out")
-        # flat stage configs (tune, distill) take the URIs at the top level
-        if "out" in fields:
+        upstream = {n: r for n, r in context.inputs.items()} if context else {}
+        outputs = {n: r.get("outputs", {}) for n, r in upstream.items()}
+        shards = outputs.get("shard", {}).get("shards", "<shard>/out")
+        pretrained = outputs.get("pretrain", {}).get("checkpoint")
+        if name in SELF_REGISTERING:
+            if "registry" in data:
+                raise ConfigError(f"{name}.registry: inside `vitpose run` the register stage alone registers models "
+                                  "and moves the champion alias; configure `register:` instead")
+            data["registry"] = {"enabled": False}
+        if "out" in fields:  # flat stage configs (tune, distill) take their output dir at the top level
             data.setdefault("out", context.path("out") if context else "<stage>/out")
         if "shards" in fields:
             data.setdefault("shards", shards)
-        if "pretrain_checkpoint" in fields and upstream.get("pretrain", {}).get("checkpoint"):
-            data.setdefault("pretrain_checkpoint", upstream["pretrain"]["checkpoint"])
-        teacher = upstream.get("tune", upstream.get("finetune", {})).get("checkpoint")
-        if "teacher" in fields and teacher:
+        if "pretrain_checkpoint" in fields and pretrained:
+            data.setdefault("pretrain_checkpoint", pretrained)
+        if "teacher" in fields:
+            knowledge_token = data.get("distill", {}).get("knowledge_token", True)
+            teacher = pick_teacher(upstream, knowledge_token) if context else "<tune or finetune>/checkpoint"
+            if teacher is None and "teacher" not in data:
+                raise ConfigError("distill needs a teacher: run tune or finetune first, or set distill.teacher")
             data.setdefault("teacher", teacher)
         if "data" in fields:
-            data.setdefault("data", {})
-            data["data"].setdefault("shards", shards)
+            data["data"] = {**data.get("data", {}), "shards": data.get("data", {}).get("shards", shards)}
         if "checkpoint" in fields:
-            data.setdefault("checkpoint", {})
-            data["checkpoint"].setdefault("storage_path", context.path("train") if context else "<stage>/train")
-        if "model" in fields and upstream.get("pretrain", {}).get("checkpoint"):
-            data.setdefault("model", {})
-            data["model"].setdefault("pretrained", upstream["pretrain"]["checkpoint"])
+            data["checkpoint"] = {"storage_path": context.path("train") if context else "<stage>/train",
+                                  **data.get("checkpoint", {})}
+        # the distill student has its own (smaller) architecture: an MAE encoder of the teacher size won't fit
+        if "model" in fields and pretrained and name != "distill":
+            data["model"] = {"pretrained": pretrained, **data.get("model", {})}
         if "tracking" in fields and context is not None:
             data["tracking"] = {**data.get("tracking", {}), "tracking_uri": context.tracking_uri,
                                 "experiment": context.config.mlflow.experiment, "parent_run_id": context.run_id}
@@ -152,8 +189,6 @@ def _training_stage(name: str, needs_inputs: tuple[str, ...], optional_inputs: t
         return section
 
     def run(context: StageContext) -> StageOutput:
-        from pipelines.train import run_uri
-
         module = importlib.import_module(module_name)
         config = build_config(config_class(), inject(context.section, context), source=f"{name} section")
         run_function = getattr(module, f"run_{name}")
@@ -161,59 +196,55 @@ def _training_stage(name: str, needs_inputs: tuple[str, ...], optional_inputs: t
             result = run_function(config, force=context.force)
         else:
             result = run_function(config)
-        if isinstance(result, dict):  # stages that write their own record (tune): checkpoint + metrics
-            raw_metrics, outputs = result.get("metrics") or {}, {"checkpoint": result.get("checkpoint"),
-                                                                 "out": getattr(config, "out", None)}
-        else:  # a Ray Train Result: the best model is exported under the run directory
-            if getattr(result, "error", None):
-                raise RuntimeError(f"{name} failed: {result.error}")
-            stage = getattr(module, name.upper())
-            export = storage.join(run_uri(stage, config), f"{name}_export")
-            raw_metrics = result.metrics or {}
-            outputs = {"checkpoint": export if storage.exists(export) else None, "run": run_uri(stage, config)}
-        metrics = {k: float(v) for k, v in raw_metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-        if "val_AP" in metrics:
-            metrics.setdefault("ap", metrics["val_AP"])
-        summary = f"AP {metrics['ap']:.3f}" if "ap" in metrics else \
-            ", ".join(f"{k} {v:.4g}" for k, v in list(metrics.items())[:2] if "loss" in k)
+        outputs, metrics = _training_outputs(name, module, config, result)
+        if "ap" in metrics:
+            summary = f"AP {metrics['ap']:.3f}"
+        else:
+            summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in ("steps", "train_loss_epoch"))
+        if outputs.get("resumed_from_steps"):  # Train v2 restored the latest checkpoint of an interrupted run
+            summary += f" (resumed at step {outputs['resumed_from_steps'][-1]})"
         return StageOutput(outputs=outputs, metrics=metrics, summary=summary)
 
     return StageSpec(name, needs_inputs, validate, run, needs=module_name, optional_inputs=optional_inputs)
 
 
+def _numbers(raw: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in raw.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def _training_outputs(name: str, module: Any, config: Any, result: Any) -> tuple[dict[str, Any], dict[str, float]]:
+    """(outputs, metrics) of a training stage from what its run function returned.
+
+    tune and distill return their own record (a dict with `checkpoint` and `metrics`); pretrain and
+    finetune return a Ray Train `Result` whose run directory holds `<stage>_export` (for finetune the
+    best-val-AP model, whose AP is the loop's `best`, not the last epoch's).
+    """
+    from pipelines.train import run_uri
+
+    if isinstance(result, dict):
+        metrics = _numbers(result.get("metrics") or {})
+        outputs = {"checkpoint": result.get("checkpoint"), "out": getattr(config, "out", None)}
+        for key in ("trial_id", "params", "teacher_source", "token_checkpoint"):
+            if key in result:
+                outputs[key] = result[key]
+        return outputs, metrics
+    if getattr(result, "error", None):
+        raise RuntimeError(f"{name} failed: {result.error}")
+    stage = getattr(module, name.upper())
+    run = run_uri(stage, config)
+    export = storage.join(run, f"{name}_export")
+    metrics = _numbers(result.metrics or {})
+    summary = result.return_value or {}
+    if summary.get("best") is not None:
+        metrics["ap"] = float(summary["best"])
+    metrics["steps"] = float(summary.get("step", metrics.get("step", 0)))
+    has_export = bool(storage.list_files(export, recursive=True))  # also right on s3://, where dirs are implicit
+    outputs = {"checkpoint": export if has_export else None, "run": run,
+               "resumed_from_steps": summary.get("resumed_from", [])}
+    return outputs, metrics
+
+
 # ---------------------------------------------------------------------------------------------- register
-
-
-class RegisterSection(StrictConfig):
-    """Pick the best model of the candidate stages by `metric` and point `<model_name>@<alias>` at it."""
-
-    model_name: str = "vitpose"
-    alias: str = "champion"
-    metric: str = "ap"
-    candidates: tuple[str, ...] = ("finetune", "tune", "distill")
-
-
-def run_register_stage(context: StageContext) -> StageOutput:
-    from pipelines import registry
-
-    section: RegisterSection = context.section
-    scored = [(record.get("metrics", {}).get(section.metric), name, record) for name, record in context.inputs.items()
-              if name in section.candidates and record.get("outputs", {}).get("checkpoint")]
-    scored = [item for item in scored if item[0] is not None]
-    if not scored:
-        raise RuntimeError(f"no candidate among {section.candidates} reported metric {section.metric!r} "
-                           "and a checkpoint; nothing to register")
-    score, winner, record = max(scored, key=lambda item: item[0])
-    model_uri = registry.log_checkpoint_model(record["outputs"]["checkpoint"], run_id=context.run_id,
-                                              tracking_uri=context.tracking_uri,
-                                              metadata={"stage": winner, section.metric: score})
-    version = registry.register(model_uri, section.model_name, tracking_uri=context.tracking_uri)
-    registry.set_alias(section.model_name, section.alias, version, tracking_uri=context.tracking_uri)
-    return StageOutput(outputs={"model_uri": f"models:/{section.model_name}@{section.alias}", "version": version,
-                                "winner": winner, "checkpoint": record["outputs"]["checkpoint"]},
-                       metrics={section.metric: float(score)},
-                       summary=f"{section.model_name} v{version} @{section.alias} from {winner}, "
-                               f"{section.metric.upper()} {score:.3f}")
 
 
 # ------------------------------------------------------------------------------------------------ serve
@@ -238,7 +269,7 @@ STAGES: list[StageSpec] = [
     _training_stage("finetune", ("shard",), ("pretrain",)),
     _training_stage("tune", ("shard",), ("pretrain",)),
     _training_stage("distill", ("shard",), ("tune", "finetune")),
-    StageSpec("register", (), lambda section: build_config(RegisterSection, section, source="register section"),
-              run_register_stage, needs="pipelines.registry", optional_inputs=("finetune", "tune", "distill")),
+    StageSpec("register", ("shard",), validate_register, run_register_stage, needs="pipelines.registry",
+              optional_inputs=("finetune", "tune", "distill")),
     StageSpec("serve", ("register",), validate_serve, run_serve, cacheable=False, needs="pipelines.serve.app"),
 ]

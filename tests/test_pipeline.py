@@ -1,11 +1,18 @@
 """`vitpose run` orchestration on a real local Ray and a real MLflow SQLite store (no mocks).
 
-The default run covers the shard stage end to end (synthetic data -> Parquet shards -> stage record ->
-MLflow parent/child runs) and the skip-on-rerun rule; every shipped pipeline config is loaded strictly.
+Fast tests: the shard stage end to end (synthetic data -> Parquet shards -> stage record -> MLflow
+parent/child runs) with the skip-on-rerun rule, and a tiny shard -> finetune -> register run whose
+rerun skips every stage; every shipped pipeline config is loaded strictly. Slow test (`-m slow`): the
+`vitpose run` command itself with every stage, SIGKILLed during finetune, rerun to a served champion
+that resumed finetune from its checkpoint, then rerun again to skip everything.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,6 +26,16 @@ from pipelines.stages import STAGES
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "pipelines" / "configs"
 PIPELINE_CONFIGS = [CONFIGS_DIR / name for name in ("local.yaml", "cocoaic_vitpose_b_8gpu.yaml", "vitpose_h_fsdp.yaml")]
 TINY = ["shard.synthetic.train_images=8", "shard.synthetic.val_images=3", "shard.synthetic.max_people=2"]
+# every training stage at a few steps of batch 8 on ~16 train images (1 CPU for the Train worker)
+TINY_TRAINING = [
+    "shard.synthetic.train_images=16",
+    "pretrain.data.batch_size=8", "pretrain.schedule.max_steps=2",
+    "finetune.data.batch_size=8", "finetune.schedule.max_steps=4", "finetune.checkpoint.every_n_steps=2",
+    "finetune.eval.num_visualized=0",
+    "tune.finetune.data.batch_size=8", "tune.finetune.schedule.epochs=1", "tune.asha.grace_period=1",
+    "distill.data.batch_size=8", "distill.schedule.max_steps=2", "distill.distill.token_max_steps=1",
+    "distill.eval.num_visualized=0",
+]
 
 
 @pytest.mark.parametrize("path", PIPELINE_CONFIGS, ids=lambda p: p.name)
@@ -81,3 +98,78 @@ def test_a_stage_without_its_inputs_says_which_to_run_first(ray_local, tmp_path:
     config = load_pipeline_config(None, [*TINY, f"workdir={tmp_path / 'runs'}"])
     with pytest.raises(RuntimeError, match="needs the output of 'register'"):
         run_pipeline(config, stages=["serve"], reporter=Reporter())
+
+
+def test_tiny_shard_finetune_register_run_then_rerun_skips_everything(ray_local, tmp_path: Path, capsys) -> None:
+    from mlflow.tracking import MlflowClient
+
+    config = load_pipeline_config(None, [*TINY, *TINY_TRAINING, f"workdir={tmp_path / 'runs'}"])
+    stages = ["shard", "finetune", "register"]
+    results = {r.name: r for r in run_pipeline(config, stages=stages, reporter=Reporter())}
+    assert [results[name].state for name in stages] == ["done"] * 3
+    finetune = read_record(str(tmp_path / "runs" / "finetune"))
+    assert finetune["metrics"]["steps"] == 4 and (Path(finetune["outputs"]["checkpoint"]) / "config.json").is_file()
+    register = read_record(str(tmp_path / "runs" / "register"))
+    assert register["outputs"]["winner"] == "finetune" and register["outputs"]["promoted"] is True
+    assert register["outputs"]["model_uri"] == "models:/vitpose@champion"
+    assert 0.0 <= register["metrics"]["ap"] <= 1.0
+
+    tracking_uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri)
+    assert client.get_model_version_by_alias("vitpose", "champion").version == register["outputs"]["version"]
+    runs = client.search_runs([client.get_experiment_by_name("vitpose").experiment_id])
+    parent = next(r for r in runs if r.info.run_name == "pipeline-local")
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == set(stages)
+    # the finetune Train run nests under the finetune stage's child run
+    assert any(r.data.tags.get("mlflow.parentRunId") == children["finetune"].info.run_id for r in runs)
+    out = capsys.readouterr().out
+    assert "[3/7] finetune  done in" in out and "[6/7] register  done in" in out
+
+    started = time.perf_counter()
+    rerun = {r.name: r for r in run_pipeline(config, stages=stages, reporter=Reporter())}
+    assert [rerun[name].state for name in stages] == ["skipped"] * 3
+    assert time.perf_counter() - started < 60
+
+
+def _tiny_run_command(workdir: Path, *extra: str) -> list[str]:
+    command = [sys.executable, "-m", "pipelines.cli", "run", "--no-keep-serving", "--set", f"workdir={workdir}"]
+    for override in [*TINY, *TINY_TRAINING, *extra]:
+        command += ["--set", override]
+    return command
+
+
+@pytest.mark.slow
+def test_vitpose_run_killed_during_finetune_resumes_then_serves_and_skips(tmp_path: Path) -> None:
+    """The CLI end to end: SIGKILL mid-finetune, rerun resumes from the checkpoint and serves, rerun skips."""
+    workdir = tmp_path / "runs"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    long_finetune = ["finetune.schedule.max_steps=12"]  # long enough to be caught between checkpoints
+    first = subprocess.Popen(_tiny_run_command(workdir, *long_finetune), cwd=tmp_path, env=env,
+                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = workdir / "finetune" / "train"
+    deadline = time.time() + 420
+    while not list(checkpoints.glob("finetune-*/checkpoint_*")):
+        assert first.poll() is None, "vitpose run ended before finetune wrote a checkpoint"
+        assert time.time() < deadline, "finetune wrote no checkpoint in time"
+        time.sleep(1)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(timeout=30)
+    assert read_record(str(workdir / "finetune")) is None  # killed: no record, so the rerun runs it again
+
+    second = subprocess.run(_tiny_run_command(workdir, *long_finetune), cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=900)
+    assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
+    finetune = read_record(str(workdir / "finetune"))
+    assert finetune["outputs"]["resumed_from_steps"] and finetune["metrics"]["steps"] == 12
+    assert "resumed at step" in second.stdout
+    assert "/v1/pose answered" in second.stdout and "champion     models:/vitpose@champion" in second.stdout
+    assert "mlflow ui" in second.stdout and "endpoint     http://127.0.0.1:" in second.stdout
+
+    started = time.perf_counter()
+    third = subprocess.run(_tiny_run_command(workdir, *long_finetune), cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert third.returncode == 0, (third.stdout + third.stderr)[-4000:]
+    assert third.stdout.count("skipped (same config and inputs)") == 6  # serve always starts the endpoint
+    assert time.perf_counter() - started < 90

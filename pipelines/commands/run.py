@@ -48,10 +48,14 @@ def summary_lines(results: list[Any], config: Any, tracking_uri: str) -> list[st
                      "(then open http://127.0.0.1:5000)")
     register = by_name.get("register", {})
     if register:
-        metric = register.get("config", {}).get("metric", "ap")
-        lines.append(f"  champion     {register['outputs'].get('model_uri')} (v{register['outputs'].get('version')}, "
-                     f"from {register['outputs'].get('winner')}), {metric.upper()} "
-                     f"{register.get('metrics', {}).get(metric, float('nan')):.3f}")
+        out = register.get("outputs", {})
+        scores = ", ".join(f"{name} {value:.3f}" for name, value in (out.get("scores") or {}).items())
+        how = f"from {out.get('winner')}" if out.get("promoted") else \
+            f"kept: this run's best ({out.get('winner')}) did not beat it"
+        lines.append(f"  champion     {out.get('model_uri')} = v{out.get('version')} ({how}), "
+                     f"AP {register.get('metrics', {}).get('ap', float('nan')):.3f} on the val split")
+        if scores:
+            lines.append(f"  candidates   {scores} (same val split, flip test)")
     if outputs.get("serve", {}).get("url"):
         url = outputs["serve"]["url"]
         lines.append(f"  endpoint     {url}/v1/pose   (health {url}/healthz, API docs {url}/docs)")
