@@ -50,8 +50,13 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], config: ViTPoseConfig) -> d
     return out
 
 
-def build_hf_model(config: ViTPoseConfig, state: dict[str, torch.Tensor] | None = None) -> Any:
-    """A transformers ``VitPoseForPoseEstimation`` with the same architecture (and weights, if given)."""
+def build_hf_model(config: ViTPoseConfig, state: dict[str, torch.Tensor] | None = None,
+                   attn_implementation: str = "sdpa") -> Any:
+    """A transformers ``VitPoseForPoseEstimation`` with the same architecture (and weights, if given).
+
+    ``attn_implementation``: "sdpa" (fused) or "eager" (materialises the attention matrix, like the
+    official ViTPose code).
+    """
     if config.attention != "full" or config.patch_padding != 2:
         raise ValueError("transformers' ViTPose supports only full attention with the official patch padding")
     from transformers import VitPoseBackboneConfig, VitPoseConfig, VitPoseForPoseEstimation
@@ -65,6 +70,7 @@ def build_hf_model(config: ViTPoseConfig, state: dict[str, torch.Tensor] | None 
     hf_config = VitPoseConfig(backbone_config=backbone, use_simple_decoder=config.decoder == "simple",
                               num_labels=config.num_keypoints)
     model = VitPoseForPoseEstimation(hf_config)
+    model.backbone.set_attn_implementation(attn_implementation)
     if state is not None:
         model.load_state_dict(to_hf_state_dict(state, config), strict=True)
     return model.eval()
