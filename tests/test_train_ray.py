@@ -128,6 +128,7 @@ def test_worker_killed_with_sigkill_is_replaced_and_training_resumes(tiny_shards
     assert len(list(pid_dir.iterdir())) == 4  # two workers, then two replacements
 
 
+@pytest.mark.slow  # ~40 s alone, 220 s on the shared loaded box; the MAE loop itself is covered in test_mae.py
 def test_pretrain_runs_one_worker_and_exports_an_encoder_finetune_can_load(tiny_shards, tmp_path):
     config = build_config(PretrainConfig, {
         "model": {"variant": "vitpose-tiny", "input_size": [48, 64]},
