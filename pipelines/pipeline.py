@@ -329,6 +329,7 @@ def _run_stage(spec: StageSpec, section: Any, config: PipelineConfig, force: boo
     client.log_dict(run_id, section_json, f"{spec.name}_config.json")
     context = StageContext(spec.name, config, section, stage_dir, inputs, tracking_uri, experiment_id, run_id, force)
     started = time.time()
+    placement_groups_before = _own_placement_groups()
     try:
         from pipelines.progress import StageProgress
 
@@ -339,6 +340,8 @@ def _run_stage(spec: StageSpec, section: Any, config: PipelineConfig, force: boo
         client.set_terminated(run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
         reporter.stage_failed(spec.name, time.time() - started, error, index, total)
         raise
+    finally:
+        release_placement_groups(placement_groups_before)
     seconds = time.time() - started
     for key, value in output.metrics.items():
         client.log_metric(run_id, key, float(value))
@@ -356,6 +359,33 @@ def _run_stage(spec: StageSpec, section: Any, config: PipelineConfig, force: boo
     result = StageResult(spec.name, "done", seconds, output.summary, record)
     reporter.stage_finished(result, index, total)
     return result
+
+
+def _own_placement_groups() -> set[str]:
+    """Ids of this job's placement groups that still hold resources (job id = the id's last 4 bytes)."""
+    import ray
+
+    job = ray.get_runtime_context().get_job_id()
+    return {pg_id for pg_id, info in ray.util.placement_group_table().items()
+            if pg_id.endswith(job) and info["state"] != "REMOVED"}
+
+
+def release_placement_groups(before: set[str]) -> None:
+    """Remove the placement groups a finished stage left behind.
+
+    Tune trials that ASHA stops (and finished trials) leave their Train run's placement group reserved
+    in Ray 2.60: Train's PlacementGroupCleaner asks the state API, which needs a dashboard and a unique
+    cluster address, and without them it dies. On 2 cores the two leaked 0.45-CPU groups starved the
+    next stage's Ray Data reads forever. Stages run one after another and hand over only records, so
+    nothing a stage created may outlive it; only this job's groups are touched.
+    """
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    from ray._raylet import PlacementGroupID
+
+    for pg_id in sorted(_own_placement_groups() - before):
+        logger.info("removing placement group %s left behind by the stage", pg_id)
+        remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(pg_id)))
 
 
 def validate_sections(config: PipelineConfig, specs: list[StageSpec], selected: list[str]) -> dict[str, Any]:

@@ -163,8 +163,12 @@ def _training_stage(name: str, needs_inputs: tuple[str, ...], optional_inputs: t
             data.setdefault("out", context.path("out") if context else "<stage>/out")
         if "shards" in fields:
             data.setdefault("shards", shards)
-        if "pretrain_checkpoint" in fields and pretrained:
-            data.setdefault("pretrain_checkpoint", pretrained)
+        if "pretrain_checkpoint" in fields:
+            # tune sweeps on top of the finetune stage's best model when there is one (load_checkpoint resizes
+            # its position embeddings to each trial's input size), else from the MAE encoder
+            start = outputs.get("finetune", {}).get("checkpoint") or pretrained
+            if start:
+                data.setdefault("pretrain_checkpoint", start)
         if "teacher" in fields:
             knowledge_token = data.get("distill", {}).get("knowledge_token", True)
             teacher = pick_teacher(upstream, knowledge_token) if context else "<tune or finetune>/checkpoint"
@@ -267,7 +271,7 @@ STAGES: list[StageSpec] = [
     StageSpec("shard", (), validate_shard, run_shard_stage, needs="pipelines.shard"),
     _training_stage("pretrain", ("shard",)),
     _training_stage("finetune", ("shard",), ("pretrain",)),
-    _training_stage("tune", ("shard",), ("pretrain",)),
+    _training_stage("tune", ("shard",), ("pretrain", "finetune")),
     _training_stage("distill", ("shard",), ("tune", "finetune")),
     StageSpec("register", ("shard",), validate_register, run_register_stage, needs="pipelines.registry",
               optional_inputs=("finetune", "tune", "distill")),

@@ -59,6 +59,8 @@ def summary_lines(results: list[Any], config: Any, tracking_uri: str) -> list[st
     if outputs.get("serve", {}).get("url"):
         url = outputs["serve"]["url"]
         lines.append(f"  endpoint     {url}/v1/pose   (health {url}/healthz, API docs {url}/docs)")
+        if not os.environ.get("RAY_ADDRESS"):
+            lines.append("               up while this command runs: `vitpose run --keep-serving` keeps it until Ctrl-C")
         lines.append(f"  try it       curl -s -H 'content-type: image/jpeg' --data-binary @person.jpg {url}/v1/pose")
     return lines
 
