@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-
 from vitpose_core import build_model, count_parameters
 from vitpose_core.models import VARIANTS, ViTPoseConfig
 
@@ -60,7 +59,7 @@ def test_stochastic_depth_rises_linearly():
     model = build_model("vitpose-tiny", drop_path_rate=0.5)
     rates = [getattr(block.drop_path, "drop_prob", 0.0) for block in model.backbone.blocks]
     assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.5)
-    assert all(b > a for a, b in zip(rates, rates[1:]))
+    assert all(b > a for a, b in zip(rates, rates[1:], strict=False))
 
 
 @pytest.mark.parametrize("img_size", [(256, 192), (384, 288), (576, 432)])
