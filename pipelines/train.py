@@ -73,6 +73,8 @@ def config_hash(config: StrictConfig) -> str:
     """Stable hash of a stage config, minus fields that do not change what is trained."""
     data = config.model_dump(mode="json")
     data.get("tracking", {}).pop("run_name", None)
+    # `vitpose run` nests each attempt under a new pipeline run; the rerun must still find its checkpoints
+    data.get("tracking", {}).pop("parent_run_id", None)
     data.get("checkpoint", {}).pop("max_failures", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
