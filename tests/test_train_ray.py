@@ -97,7 +97,7 @@ def _pid_recording_train_fn(pid_dir: str):
 
 def test_worker_killed_with_sigkill_is_replaced_and_training_resumes(tiny_shards, tmp_path):
     """kill -9 of a Train worker mid-run: the group restarts from the last checkpoint and finishes."""
-    config = finetune_config(tiny_shards, tmp_path, **{"schedule.epochs": 3, "tracking.enabled": "false",
+    config = finetune_config(tiny_shards, tmp_path, **{"schedule.epochs": 4, "tracking.enabled": "false",
                                                         "eval.num_visualized": 0})
     pid_dir = tmp_path / "pids"
     pid_dir.mkdir()
@@ -113,8 +113,10 @@ def test_worker_killed_with_sigkill_is_replaced_and_training_resumes(tiny_shards
     thread.start()
     run_dir = tmp_path / "ft-kill"
     deadline = time.time() + 240
-    # a checkpoint directory appears before Train registers it; once the second exists, the first is registered
-    while time.time() < deadline and len(list(run_dir.glob("checkpoint_*"))) < 2:
+    # kill only once Train has *registered* a checkpoint: it records it in the manager snapshot, which
+    # is what a restarted worker group reads (a checkpoint directory alone appears earlier)
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    while time.time() < deadline and not (snapshot.is_file() and "checkpoint_" in snapshot.read_text()):
         time.sleep(0.5)
     victims = [p for p in pid_dir.iterdir() if p.name.startswith("rank1-")]
     assert victims, "no checkpoint or no rank-1 worker before the deadline"
@@ -123,7 +125,7 @@ def test_worker_killed_with_sigkill_is_replaced_and_training_resumes(tiny_shards
     assert not thread.is_alive(), "training did not finish after the kill"
     assert "error" not in outcome, outcome.get("error")
     summary = outcome["result"].return_value
-    assert summary["epoch"] == 3
+    assert summary["epoch"] == 4
     assert len(summary["resumed_from"]) == 1 and 0 < summary["resumed_from"][0] < summary["step"]
     assert len(list(pid_dir.iterdir())) == 4  # two workers, then two replacements
 
