@@ -264,7 +264,10 @@ def run_pipeline(config: PipelineConfig, stages: list[str] | None = None, start:
     sections = validate_sections(config, specs, selected)
     workdir = config.workdir_uri
     tracking_uri, artifact_location = resolve_tracking_uri(config)
-    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri  # Ray tasks and Serve replicas started from here inherit it
+    # Ray processes started from here inherit it; restored at the end, or the next run_pipeline in this
+    # process would read it as the user's choice and log into this run's store
+    previous_tracking_env = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     where = ensure_ray(config)
     client = MlflowClient(tracking_uri=tracking_uri)
     experiment_id = _experiment_id(client, config.mlflow.experiment, artifact_location)
@@ -288,6 +291,10 @@ def run_pipeline(config: PipelineConfig, stages: list[str] | None = None, start:
         status = "FINISHED"
     finally:
         client.set_terminated(parent_id, status)
+        if previous_tracking_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_tracking_env
         reporter.finish(results, parent_run_id=parent_id, ok=status == "FINISHED")
     return results
 
@@ -379,9 +386,8 @@ def release_placement_groups(before: set[str]) -> None:
     next stage's Ray Data reads forever. Stages run one after another and hand over only records, so
     nothing a stage created may outlive it; only this job's groups are touched.
     """
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
-
     from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
 
     for pg_id in sorted(_own_placement_groups() - before):
         logger.info("removing placement group %s left behind by the stage", pg_id)

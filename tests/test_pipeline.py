@@ -29,12 +29,13 @@ TINY = ["shard.synthetic.train_images=8", "shard.synthetic.val_images=3", "shard
 # every training stage at a few steps of batch 8 on ~16 train images (1 CPU for the Train worker)
 TINY_TRAINING = [
     "shard.synthetic.train_images=16",
-    "pretrain.data.batch_size=8", "pretrain.schedule.max_steps=2",
-    "finetune.data.batch_size=8", "finetune.schedule.max_steps=4", "finetune.checkpoint.every_n_steps=2",
-    "finetune.eval.num_visualized=0",
-    "tune.finetune.data.batch_size=8", "tune.finetune.schedule.epochs=1", "tune.asha.grace_period=1",
-    "distill.data.batch_size=8", "distill.schedule.max_steps=2", "distill.distill.token_max_steps=1",
-    "distill.eval.num_visualized=0",
+    "pretrain.data.batch_size=8", "pretrain.schedule.max_steps=2", "pretrain.schedule.warmup_steps=1",
+    "finetune.data.batch_size=8", "finetune.schedule.max_steps=4", "finetune.schedule.warmup_steps=1",
+    "finetune.checkpoint.every_n_steps=2", "finetune.eval.num_visualized=0",
+    "tune.finetune.data.batch_size=8", "tune.finetune.schedule.epochs=1", "tune.finetune.schedule.warmup_steps=1",
+    "tune.asha.grace_period=1",
+    "distill.data.batch_size=8", "distill.schedule.max_steps=2", "distill.schedule.warmup_steps=1",
+    "distill.distill.token_max_steps=1", "distill.eval.num_visualized=0",
 ]
 
 
@@ -116,7 +117,7 @@ def test_tiny_shard_finetune_register_run_then_rerun_skips_everything(ray_local,
 
     tracking_uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
     client = MlflowClient(tracking_uri)
-    assert client.get_model_version_by_alias("vitpose", "champion").version == register["outputs"]["version"]
+    assert str(client.get_model_version_by_alias("vitpose", "champion").version) == register["outputs"]["version"]
     runs = client.search_runs([client.get_experiment_by_name("vitpose").experiment_id])
     parent = next(r for r in runs if r.info.run_name == "pipeline-local")
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
