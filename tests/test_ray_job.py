@@ -120,7 +120,8 @@ def test_ray_job_submit_runs_a_small_pipeline(tmp_path: Path) -> None:
         command = [str(BIN / "ray"), "job", "submit", "--address", head.address, "--working-dir", ".", "--",
                    "vitpose", "run", "--stages", "shard,pretrain", "--set", f"workdir={workdir}",
                    "--set", "shard.synthetic.train_images=6", "--set", "shard.synthetic.val_images=2",
-                   "--set", "pretrain.data.batch_size=4", "--set", "pretrain.schedule.max_steps=2"]
+                   "--set", "pretrain.data.batch_size=4", "--set", "pretrain.schedule.max_steps=2",
+                   "--set", "pretrain.schedule.warmup_steps=1"]
         not_ready = ("Connection aborted", "Failed to get head node agent", "No available agent to submit job")
         for _attempt in range(6):
             submit = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=540)
