@@ -62,7 +62,7 @@ class Reporter:
         widths = [max(len(str(row[i])) for row in rows) for i in range(3)]
         self._print()
         for row in rows:
-            self._print("  " + "  ".join(str(cell).ljust(width) for cell, width in zip(row[:3], widths)) + "  " + row[3])
+            self._print("  " + "  ".join(str(cell).ljust(width) for cell, width in zip(row[:3], widths, strict=True)) + "  " + row[3])
         total = format_seconds(time.time() - self.started)
         self._print(f"\npipeline {'finished' if ok else 'FAILED'} in {total} (MLflow parent run {parent_run_id})")
         for line in self.summary_lines:
