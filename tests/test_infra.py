@@ -22,7 +22,6 @@ import jsonschema
 import pytest
 import ray
 import yaml
-
 from kuberay_schema import SCHEMAS
 
 REPO = Path(__file__).resolve().parents[1]
