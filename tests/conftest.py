@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,20 @@ def s3_server():
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture(autouse=True)
+def isolated_mlflow_tracking_uri():
+    """Tests must not see each other's MLflow store.
+
+    `mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI to the environment, which code that
+    falls back to the environment (the pipeline, the registry helpers) would then pick up in later tests.
+    """
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if "mlflow" in sys.modules:
+        sys.modules["mlflow"].set_tracking_uri(saved)  # None resets MLflow's global default too
+    if saved is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = saved

@@ -123,13 +123,13 @@ def test_ray_job_submit_runs_a_small_pipeline(tmp_path: Path) -> None:
                    "--set", "pretrain.data.batch_size=4", "--set", "pretrain.schedule.max_steps=2",
                    "--set", "pretrain.schedule.warmup_steps=1"]
         not_ready = ("Connection aborted", "Failed to get head node agent", "No available agent to submit job")
-        for _attempt in range(6):
+        for _attempt in range(16):
             submit = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=540)
             output = submit.stdout + submit.stderr
             # the dashboard answers before its job agent does; a submit in that window is refused unsubmitted
             if not any(message in output for message in not_ready):
                 break
-            time.sleep(10)
+            time.sleep(15)
         assert submit.returncode == 0, output[-3000:]
         assert "succeeded" in output.lower(), output[-3000:]
         assert "[1/7] shard     done in" in output and "[2/7] pretrain  done in" in output, output[-3000:]
