@@ -55,7 +55,12 @@ class Head:
         self.process = subprocess.Popen(
             [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}",
              "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={self.dashboard_port}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+             f"--dashboard-port={self.dashboard_port}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+             # every fixed default port would collide with the pytest session's own local cluster
+             # (the job agent's 52365 did: "No available agent to submit job"), so pick free ones
+             f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+             f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
+             f"--ray-client-server-port={_free_port()}"],
             env=_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def wait_ready(self, timeout_s: float) -> bool:
