@@ -79,3 +79,21 @@ def isolated_mlflow_tracking_uri():
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
+def make_synthetic_shards(root: Path, train_images: int, val_images: int, crop_size: tuple[int, int]) -> str:
+    """Synthetic train/val COCO data (seeds 0/1) sharded by the real shard stage; needs a running Ray."""
+    from pipelines.commands.synth import write_synthetic_dataset
+    from pipelines.crops import CropConfig
+    from pipelines.shard import ShardConfig, ShardSource, run_shard
+    from vitpose_core.synthetic import SyntheticConfig
+
+    sources = []
+    for split, num_images, seed in (("train", train_images, 0), ("val", val_images, 1)):
+        annotations = write_synthetic_dataset(str(root / split), SyntheticConfig(num_images=num_images, seed=seed),
+                                              split)
+        sources.append(ShardSource(annotations=annotations, images=str(root / split / "images"), dataset="coco",
+                                   split=split))
+    crop = CropConfig(width=crop_size[0], height=crop_size[1])
+    run_shard(ShardConfig(sources=tuple(sources), out=str(root / "shards"), crop=crop))
+    return str(root / "shards")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import make_synthetic_shards
 
 from vitpose_core.codec import UDPHeatmapCodec
 from vitpose_core.distill import (
@@ -145,20 +146,7 @@ def test_token_needs_full_attention():
 
 @pytest.fixture(scope="module")
 def distill_shards(ray_local, tmp_path_factory) -> str:
-    from pipelines.commands.synth import write_synthetic_dataset
-    from pipelines.crops import CropConfig
-    from pipelines.shard import ShardConfig, ShardSource, run_shard
-    from vitpose_core.synthetic import SyntheticConfig
-
-    root = tmp_path_factory.mktemp("distill_data")
-    sources = []
-    for split, num_images, seed in (("train", 12, 0), ("val", 4, 1)):
-        annotations = write_synthetic_dataset(str(root / split), SyntheticConfig(num_images=num_images, seed=seed),
-                                              split)
-        sources.append(ShardSource(annotations=annotations, images=str(root / split / "images"), dataset="coco",
-                                   split=split))
-    run_shard(ShardConfig(sources=tuple(sources), out=str(root / "shards"), crop=CropConfig(width=72, height=96)))
-    return str(root / "shards")
+    return make_synthetic_shards(tmp_path_factory.mktemp("distill_data"), 12, 4, (72, 96))
 
 
 def test_distill_stage_uses_the_champion_teacher_and_registers_the_student_with_its_version(distill_shards, tmp_path):

@@ -14,29 +14,18 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from conftest import make_synthetic_shards
 
-from pipelines.commands.synth import write_synthetic_dataset
 from pipelines.config import build_config
-from pipelines.crops import CropConfig
 from pipelines.finetune import FinetuneConfig, run_finetune
 from pipelines.pretrain import PretrainConfig, run_pretrain
-from pipelines.shard import ShardConfig, ShardSource, run_shard
 from pipelines.train import train_fn_per_worker
 from vitpose_core.checkpoint import load_model
-from vitpose_core.synthetic import SyntheticConfig
 
 
 @pytest.fixture(scope="module")
 def tiny_shards(ray_local, tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("train_data")
-    sources = []
-    for split, num_images, seed in (("train", 24, 0), ("val", 4, 1)):
-        annotations = write_synthetic_dataset(str(root / split), SyntheticConfig(num_images=num_images, seed=seed),
-                                              split)
-        sources.append(ShardSource(annotations=annotations, images=str(root / split / "images"), dataset="coco",
-                                   split=split))
-    run_shard(ShardConfig(sources=tuple(sources), out=str(root / "shards"), crop=CropConfig(width=72, height=96)))
-    return str(root / "shards")
+    return make_synthetic_shards(tmp_path_factory.mktemp("train_data"), 24, 4, (72, 96))
 
 
 def finetune_config(shards: str, storage: Path, **overrides) -> FinetuneConfig:

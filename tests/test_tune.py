@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import make_synthetic_shards
 
 from pipelines.config import ConfigError, build_config, load_yaml
 from pipelines.tune import TuneConfig, trial_finetune_config, trial_overrides
@@ -57,20 +58,7 @@ def test_mapping_values_set_coupled_keys():
 
 @pytest.fixture(scope="module")
 def tune_shards(ray_local, tmp_path_factory) -> str:
-    from pipelines.commands.synth import write_synthetic_dataset
-    from pipelines.crops import CropConfig
-    from pipelines.shard import ShardConfig, ShardSource, run_shard
-    from vitpose_core.synthetic import SyntheticConfig
-
-    root = tmp_path_factory.mktemp("tune_data")
-    sources = []
-    for split, num_images, seed in (("train", 40, 0), ("val", 8, 1)):
-        annotations = write_synthetic_dataset(str(root / split), SyntheticConfig(num_images=num_images, seed=seed),
-                                              split)
-        sources.append(ShardSource(annotations=annotations, images=str(root / split / "images"), dataset="coco",
-                                   split=split))
-    run_shard(ShardConfig(sources=tuple(sources), out=str(root / "shards"), crop=CropConfig(width=144, height=192)))
-    return str(root / "shards")
+    return make_synthetic_shards(tmp_path_factory.mktemp("tune_data"), 40, 8, (144, 192))
 
 
 def tiny_tune_config(shards: str, out: Path, tracking_uri: str, **extra) -> TuneConfig:
