@@ -31,7 +31,16 @@ from torch import nn
 from pipelines import storage
 from pipelines.config import StrictConfig
 from pipelines.finetune import FinetuneConfig, build_finetune_model, export_best, validate
-from pipelines.train import Stage, download_dir, run_name, run_stage, run_uri, upload_dir
+from pipelines.train import (
+    Stage,
+    check_schedule,
+    download_dir,
+    run_name,
+    run_stage,
+    run_uri,
+    train_rows,
+    upload_dir,
+)
 from pipelines.tune import RegistrySection
 from vitpose_core.checkpoint import load_model
 from vitpose_core.distill import DistillTask, TokenTeacher, deployable_student, freeze, student_for_training
@@ -82,6 +91,16 @@ class DistillConfig(FinetuneConfig):
             data = copy.deepcopy(data)
             data.setdefault("data", {})["shards"] = data.pop("shards")
         return data
+
+    @model_validator(mode="after")
+    def _token_stage_warmup(self) -> DistillConfig:
+        # stage 1 runs with the student's schedule.warmup_steps (token_stage_config) but its own step budget
+        token_steps = self.distill.token_max_steps
+        if self.distill.knowledge_token and token_steps is not None and self.schedule.warmup_steps > token_steps:
+            raise ValueError(f"schedule.warmup_steps ({self.schedule.warmup_steps}) is larger than "
+                             f"distill.token_max_steps ({token_steps}); the token stage uses the same warm-up, "
+                             f"so set warmup_steps <= {token_steps} or raise token_max_steps")
+        return self
 
 
 # ------------------------------------------------------------------------------ worker-side builders
@@ -189,6 +208,22 @@ def resolve_teacher(config: DistillConfig) -> tuple[DistillConfig, dict[str, Any
     return config.model_copy(update=update), info
 
 
+def check_schedules(config: DistillConfig) -> None:
+    """Both Train runs' warm-up against their step totals, before stage 1 trains (``run_stage`` checks each
+    again when it starts; this catches a bad student schedule before the token stage's training is spent)."""
+    if not config.data.shards:
+        return  # run_stage names the missing shards
+    rows = train_rows(config.data.shards)
+    if config.distill.knowledge_token:
+        try:
+            check_schedule(TOKEN_STAGE.name, token_stage_config(config), rows)
+        except ValueError as error:
+            raise ValueError(f"{error} (the token stage's schedule.epochs and max_steps are distill.token_epochs="
+                             f"{config.distill.token_epochs} and distill.token_max_steps="
+                             f"{config.distill.token_max_steps})") from None
+    check_schedule("distill", config, rows)
+
+
 def run_distill(config: DistillConfig) -> dict[str, Any]:
     """Stage 1 (token), stage 2 (student), then registration. Returns the stage record."""
     import ray
@@ -197,6 +232,7 @@ def run_distill(config: DistillConfig) -> dict[str, Any]:
         ray.init(include_dashboard=False, configure_logging=False)
     checkpoint = config.checkpoint.model_copy(update={"storage_path": storage.join(storage.normalize(config.out),
                                                                                    "runs")})
+    check_schedules(config)
     config, teacher = resolve_teacher(config.model_copy(update={"checkpoint": checkpoint}))
     if config.distill.knowledge_token:
         token_config = token_stage_config(config)

@@ -11,7 +11,12 @@ from pydantic import Field, field_validator, model_validator
 
 from pipelines.config import StrictConfig
 from pipelines.data import StreamConfig
-from vitpose_core.models import VARIANTS
+from vitpose_core.models import VARIANTS, ViTPoseConfig
+
+# ModelSection does not expose the patch size, so every variant is built with ViTPoseConfig's default
+# (16 px, with the official padded patch conv); read it from there rather than repeating the number
+PATCH_SIZE: int = ViTPoseConfig.model_fields["patch_size"].default
+MIN_INPUT_SIDE = 32  # ViTPoseConfig rejects smaller crops
 
 
 class ModelSection(StrictConfig):
@@ -28,6 +33,20 @@ class ModelSection(StrictConfig):
     def _known_variant(cls, value: str) -> str:
         if value not in VARIANTS:
             raise ValueError(f"unknown variant {value!r}; known: {sorted(VARIANTS)}")
+        return value
+
+    @field_validator("input_size")
+    @classmethod
+    def _whole_patches(cls, value: tuple[int, int]) -> tuple[int, int]:
+        # (side + 2*padding - patch) // patch + 1 tokens give side/4 heatmap pixels (the data stream's targets)
+        # only when the side is a multiple of the patch; otherwise the loss fails on mismatched shapes at step 1
+        if min(value) < MIN_INPUT_SIDE:
+            raise ValueError(f"model.input_size {tuple(value)} is too small: each side (W, H) must be >= "
+                             f"{MIN_INPUT_SIDE} px")
+        if any(side % PATCH_SIZE for side in value):
+            nearest = tuple(max(MIN_INPUT_SIDE, round(side / PATCH_SIZE) * PATCH_SIZE) for side in value)
+            raise ValueError(f"model.input_size {tuple(value)} must be multiples of the patch size {PATCH_SIZE}, "
+                             f"e.g. {nearest}")
         return value
 
     def overrides(self) -> dict[str, Any]:
@@ -77,6 +96,15 @@ class ScheduleSection(StrictConfig):
     milestones: tuple[int, ...] = Field((170, 200), description="epochs where the step schedule multiplies by gamma")
     gamma: float = Field(0.1, gt=0, le=1)
     min_ratio: float = Field(0.0, ge=0, le=1, description="cosine floor as a fraction of the lr")
+
+    @model_validator(mode="after")
+    def _warmup_fits_max_steps(self) -> ScheduleSection:
+        # the total is min(epochs x steps per epoch, max_steps); the data-dependent part is checked when a
+        # run starts (pipelines.train.check_schedule), this part needs no data
+        if self.max_steps is not None and self.warmup_steps > self.max_steps:
+            raise ValueError(f"schedule.warmup_steps ({self.warmup_steps}) is larger than schedule.max_steps "
+                             f"({self.max_steps}), so the warm-up would never end; set warmup_steps <= max_steps")
+        return self
 
 
 class ScalingSection(StrictConfig):

@@ -109,6 +109,27 @@ def schedule_steps(config: Any, per_epoch: int) -> tuple[int, list[int]]:
     return total, [m * per_epoch for m in config.schedule.milestones]
 
 
+def check_schedule(stage_name: str, config: Any, rows: int) -> int:
+    """Fail before any worker starts when the warm-up outlasts the run; returns the total optimiser steps.
+
+    The total (``schedule.epochs`` x steps per epoch, capped by ``schedule.max_steps``) depends on the
+    number of training rows, so only the ``max_steps`` bound can be checked when the config is loaded
+    (``ScheduleSection``); inside the workers ``build_scheduler`` would raise the same error on every
+    rank and on every restart ``checkpoint.max_failures`` allows.
+    """
+    per_epoch = steps_per_epoch(config, rows)
+    total, _ = schedule_steps(config, per_epoch)
+    schedule = config.schedule
+    if schedule.warmup_steps > total:
+        capped = schedule.max_steps is not None and schedule.max_steps < schedule.epochs * per_epoch
+        source = (f"schedule.max_steps={schedule.max_steps}" if capped else
+                  f"schedule.epochs={schedule.epochs} x {per_epoch} steps per epoch ({rows} training rows // "
+                  f"data.batch_size={config.data.batch_size})")
+        raise ValueError(f"{stage_name}: schedule.warmup_steps ({schedule.warmup_steps}) is larger than the run's "
+                         f"{total} optimiser steps ({source}); set schedule.warmup_steps <= {total}")
+    return total
+
+
 def check_resources(scaling: ScalingSection) -> None:
     """Fail fast on the Train/Data CPU deadlock of RAY_NOTES 1.3: leave a whole CPU for Ray Data's tasks."""
     import ray
@@ -137,6 +158,8 @@ def build_trainer(stage: Stage, config: Any, *, name: str | None = None, callbac
 
     if not config.data.shards:
         raise ValueError(f"{stage.name}: data.shards is not set (the shard stage's output URI)")
+    rows = train_rows(config.data.shards)
+    check_schedule(stage.name, config, rows)
     check_resources(config.scaling)
     name = name or run_name(stage, config)
     storage_path = storage.normalize(config.checkpoint.storage_path)
@@ -144,7 +167,6 @@ def build_trainer(stage: Stage, config: Any, *, name: str | None = None, callbac
         storage_path = str(Path(storage_path).resolve())  # Ray needs an absolute local path
     output = storage.join(storage_path, name)
     tracking = resolve_tracking(config.tracking, output)
-    rows = train_rows(config.data.shards)
     scaling = config.scaling
     resources = {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
     loop_config = {"stage": stage, "config": config, "tracking": tracking, "output": output, "train_rows": rows}
@@ -218,7 +240,8 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                     progress["batch_in_epoch"])
 
     tracker = Tracker(loop_config["tracking"], active=rank == 0)
-    progress["mlflow_run_id"] = tracker.start(progress["mlflow_run_id"], run_name=Path(loop_config["output"]).name)
+    progress["mlflow_run_id"] = tracker.start(progress["mlflow_run_id"], run_name=Path(loop_config["output"]).name,
+                                              output=loop_config["output"])
     failed = True
     try:
         if state is None:

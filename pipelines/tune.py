@@ -125,7 +125,7 @@ class TuneConfig(StrictConfig):
         # every value of every axis must make a valid FinetuneConfig: a typo fails here, not in trial 3
         for axis_name, axis in self.search_space.items():
             for value in axis.examples():
-                trial_finetune_config(self, {axis_name: value}, "validate")
+                trial_finetune_config(self, {axis_name: value}, f"search_space {axis_name}={json.dumps(value)}")
         return self
 
     @property
@@ -178,6 +178,18 @@ def run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
     build_trainer(FINETUNE, finetune_config, name=f"train-{trial_id}", callbacks=[TuneReportCallback()]).fit()
 
 
+def check_trial_schedules(config: TuneConfig) -> None:
+    """Each axis value's warm-up against its trial's step total (which needs the shards' row count), before
+    any trial starts: in a trial the error would only fail that trial, after Ray Tune had scheduled it."""
+    from pipelines.train import check_schedule, train_rows
+
+    rows = train_rows(config.shards)
+    params = [{}] + [{name: value} for name, axis in config.search_space.items() for value in axis.examples()]
+    for values in params:
+        where = ", ".join(f"{k}={json.dumps(v)}" for k, v in values.items()) or "the base finetune config"
+        check_schedule(f"tune trial ({where})", trial_finetune_config(config, values, "check"), rows)
+
+
 def run_tune(config: TuneConfig, force: bool = False) -> dict[str, Any]:
     """Run, or restore and finish, the sweep; pick, record and register the winner. Returns the stage record."""
     import mlflow
@@ -192,6 +204,7 @@ def run_tune(config: TuneConfig, force: bool = False) -> dict[str, Any]:
         if record.get("experiment") == experiment:
             logger.info("tune %s already finished; winner %s (use force to rerun)", experiment, record["trial_id"])
             return record
+    check_trial_schedules(config)
     if not ray.is_initialized():
         ray.init(include_dashboard=False, configure_logging=False)
 
@@ -258,6 +271,12 @@ def _open_sweep_run(config: TuneConfig, out: str, experiment: str, tracking: dic
         mlflow.log_dict(dump_config(config), "tune_config.json")
         storage.write_text(state_uri, json.dumps({"experiment": experiment, "sweep_run_id": run.info.run_id}))
     else:
+        from mlflow.tracking import MlflowClient
+
+        from pipelines.tracking import adopt_reopened_run
+
+        # a restored sweep under `vitpose run`: the killed attempt's supersede closed it; it now belongs here
+        adopt_reopened_run(MlflowClient(tracking["tracking_uri"]), run_id, tracking.get("parent_run_id"))
         logger.info("re-opened sweep MLflow run %s", run_id)
     return run.info.run_id
 

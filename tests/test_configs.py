@@ -1,14 +1,24 @@
-"""Every shipped YAML loads strictly into its stage config; unknown keys are errors that name the key."""
+"""Every shipped YAML loads strictly into its stage config; unknown keys are errors that name the key.
+
+Values that would only fail once a run started fail at load time instead, naming the field: a
+``model.input_size`` that is not whole patches, a warm-up longer than ``schedule.max_steps`` (or the
+distill token stage's ``token_max_steps``), and a tune axis value that makes such a trial config. A
+warm-up longer than a total that depends on the data's row count fails when the run is built, before
+Ray Train starts a worker.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from pipelines.config import ConfigError, load_config, load_yaml
+from pipelines.config import ConfigError, build_config, load_config, load_yaml
+from pipelines.distill import DistillConfig
 from pipelines.finetune import FinetuneConfig
 from pipelines.pretrain import PretrainConfig
+from pipelines.tune import TuneConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "pipelines" / "configs"
 STAGE_FILES = {"finetune_tiny.yaml": FinetuneConfig, "finetune_vitpose_b_8gpu.yaml": FinetuneConfig,
@@ -28,6 +38,16 @@ def test_pretrain_and_finetune_sections_of_every_yaml_load(path):
     for section, cls in SECTIONS.items():
         if section in data:
             load_config(cls, path, section=section)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_distill_and_tune_sections_of_every_yaml_load(path):
+    # their required paths are filled in by the CLI / pipeline; a placeholder stands in here
+    data = load_yaml(path)
+    if "distill" in data:
+        load_config(DistillConfig, path, ["out=/tmp/o"], section="distill")
+    if "tune" in data:
+        load_config(TuneConfig, path, ["out=/tmp/o", "shards=/tmp/s"], section="tune")
 
 
 def test_the_8gpu_example_is_the_official_vitpose_b_recipe():
@@ -53,3 +73,119 @@ def test_overrides_and_cross_field_checks():
         load_config(FinetuneConfig, CONFIG_DIR / "finetune_tiny.yaml", ["data.stream.input_size=[48, 64]"])
     with pytest.raises(ConfigError, match="unknown variant"):
         load_config(FinetuneConfig, CONFIG_DIR / "finetune_tiny.yaml", ["model.variant=vitpose-xl"])
+
+
+# ---------------------------------------------------------------------------- model.input_size: whole patches
+
+
+def test_input_size_must_be_whole_patches_of_the_models_patch_size():
+    from pipelines.sections import PATCH_SIZE, ModelSection
+    from vitpose_core.models import variant_config
+
+    model = ModelSection(variant="vitpose-tiny", input_size=(96, 128))
+    assert variant_config(model.variant, **model.overrides()).patch_size == PATCH_SIZE == 16  # what the ViT uses
+    for cls, extra in ((FinetuneConfig, []), (PretrainConfig, [])):
+        with pytest.raises(ConfigError, match=r"model\.input_size: .*model\.input_size \(100, 128\) must be multiples "
+                                              r"of the patch size 16, e\.g\. \(96, 128\)"):
+            build_config(cls, {}, ["model.input_size=[100, 128]", *extra])
+    with pytest.raises(ConfigError, match=r"model\.input_size \(192, 250\) must be multiples .* e\.g\. \(192, 256\)"):
+        build_config(DistillConfig, {"out": "o"}, ["model.input_size=[192, 250]"])
+    with pytest.raises(ConfigError, match=r"model\.input_size \(16, 128\) is too small"):
+        build_config(FinetuneConfig, {}, ["model.input_size=[16, 128]"])
+
+
+@pytest.mark.parametrize("size", [(32, 32), (96, 128), (144, 192), (192, 256), (288, 384)])
+def test_every_accepted_input_size_gives_the_heatmaps_the_data_stream_targets(size):
+    """Why multiples: the padded patch conv's token grid x 4 equals the stream's input/4 heatmaps only then."""
+    config = build_config(FinetuneConfig, {"model": {"input_size": list(size)}})
+    from vitpose_core.models import variant_config
+
+    model_heatmap_hw = variant_config(config.model.variant, **config.model.overrides()).heatmap_size
+    stream_heatmap_wh = config.data.stream_config(config.model.input_size).heatmap_size
+    assert model_heatmap_hw == stream_heatmap_wh[::-1]
+
+
+def test_tune_axis_value_with_an_invalid_input_size_fails_at_load_time():
+    space = {"model.input_size": {"grid": [[96, 128], [100, 130]]}}
+    with pytest.raises(ConfigError, match=r"search_space model\.input_size=\[100, 130\].*\n.*model\.input_size "
+                                          r"\(100, 130\) must be multiples of the patch size 16, e\.g\. \(96, 128\)"):
+        build_config(TuneConfig, {"out": "o", "shards": "s", "search_space": space})
+
+
+# ------------------------------------------------------------------------------- schedule.warmup_steps
+
+
+def test_warmup_longer_than_max_steps_fails_at_load_time():
+    with pytest.raises(ConfigError, match=r"schedule: .*schedule\.warmup_steps \(50\) is larger than "
+                                          r"schedule\.max_steps \(40\)"):
+        build_config(FinetuneConfig, {"schedule": {"max_steps": 40, "warmup_steps": 50}})
+    with pytest.raises(ConfigError, match=r"schedule\.warmup_steps \(300\) is larger than schedule\.max_steps"):
+        load_config(PretrainConfig, CONFIG_DIR / "pretrain_tiny.yaml", ["schedule.max_steps=200",
+                                                                         "schedule.warmup_steps=300"])
+    assert build_config(FinetuneConfig, {"schedule": {"max_steps": 40, "warmup_steps": 40}}).schedule.max_steps == 40
+    # tune: a schedule axis value is checked like any other trial config
+    with pytest.raises(ConfigError, match=r"schedule\.warmup_steps \(20\) is larger than schedule\.max_steps"):
+        build_config(TuneConfig, {"out": "o", "shards": "s", "finetune": {"schedule": {"warmup_steps": 20}},
+                                  "search_space": {"schedule.max_steps": {"choice": [10]}}})
+
+
+def test_distill_warmup_longer_than_the_token_stage_fails_at_load_time():
+    with pytest.raises(ConfigError, match=r"schedule\.warmup_steps \(20\) is larger than distill\.token_max_steps "
+                                          r"\(10\)"):
+        build_config(DistillConfig, {"out": "o", "schedule": {"warmup_steps": 20}, "distill": {"token_max_steps": 10}})
+    # without the token stage the student's schedule alone counts
+    build_config(DistillConfig, {"out": "o", "schedule": {"warmup_steps": 20},
+                                 "distill": {"token_max_steps": 10, "knowledge_token": False}})
+
+
+def _shards_with_rows(root: Path, rows: int) -> str:
+    """A shard directory whose manifest counts `rows` training crops (all the step arithmetic reads)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "manifest.json").write_text(json.dumps({"counts": {"coco/train": {"rows_out": rows},
+                                                               "coco/val": {"rows_out": 3}}}))
+    return str(root)
+
+
+def test_warmup_longer_than_the_data_dependent_total_fails_before_ray_train_starts(tmp_path):
+    from pipelines.finetune import FINETUNE
+    from pipelines.train import build_trainer
+
+    shards = _shards_with_rows(tmp_path / "shards", 40)  # batch 16: 2 steps per epoch
+    storage_path = tmp_path / "runs"
+    config = build_config(FinetuneConfig, {"data": {"shards": shards, "batch_size": 16},
+                                           "schedule": {"epochs": 2, "warmup_steps": 5},
+                                           "checkpoint": {"storage_path": str(storage_path)},
+                                           "tracking": {"enabled": False}})
+    with pytest.raises(ValueError, match=r"finetune: schedule\.warmup_steps \(5\) is larger than the run's 4 "
+                                         r"optimiser steps \(schedule\.epochs=2 x 2 steps per epoch \(40 training "
+                                         r"rows // data\.batch_size=16\)\); set schedule\.warmup_steps <= 4"):
+        build_trainer(FINETUNE, config)
+    assert not storage_path.exists()  # no Train run was set up
+    # a capped total: loading rejects warmup > max_steps, but derived configs (model_copy, as distill's token
+    # stage makes) are not re-validated
+    capped = config.model_copy(update={"schedule": config.schedule.model_copy(update={"epochs": 10, "max_steps": 3,
+                                                                                     "warmup_steps": 4})})
+    with pytest.raises(ValueError, match=r"larger than the run's 3 optimiser steps \(schedule\.max_steps=3\)"):
+        build_trainer(FINETUNE, capped)
+
+
+def test_tune_and_distill_check_every_train_run_before_the_first_trains(tmp_path):
+    from pipelines.distill import check_schedules
+    from pipelines.tune import check_trial_schedules
+
+    shards = _shards_with_rows(tmp_path / "shards", 40)
+    tune = build_config(TuneConfig, {"out": str(tmp_path / "tune"), "shards": shards,
+                                     "finetune": {"data": {"batch_size": 16}, "schedule": {"epochs": 4,
+                                                                                          "warmup_steps": 6}},
+                                     "search_space": {"data.batch_size": {"grid": [8, 16, 32]}}})
+    with pytest.raises(ValueError, match=r"tune trial \(data\.batch_size=32\): schedule\.warmup_steps \(6\) is "
+                                         r"larger than the run's 4 optimiser steps"):
+        check_trial_schedules(tune)
+    distill = build_config(DistillConfig, {"out": str(tmp_path / "distill"), "data": {"shards": shards,
+                                                                                       "batch_size": 16},
+                                           "schedule": {"epochs": 10, "warmup_steps": 5},
+                                           "distill": {"token_epochs": 2}})
+    with pytest.raises(ValueError, match=r"distill_token: schedule\.warmup_steps \(5\) is larger than the run's 4 "
+                                         r"optimiser steps .*distill\.token_epochs=2"):
+        check_schedules(distill)
+    check_schedules(distill.model_copy(update={"distill": distill.distill.model_copy(update={"token_epochs": 3})}))
