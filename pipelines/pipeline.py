@@ -33,6 +33,7 @@ from pydantic import Field
 from pipelines import storage
 from pipelines.config import StrictConfig, dump_config
 from pipelines.ray_session import ensure_ray, own_placement_groups, release_placement_groups
+from pipelines.tracking import supersede_pipeline_attempts
 
 logger = logging.getLogger(__name__)
 
@@ -257,11 +258,14 @@ def run_pipeline(config: PipelineConfig, stages: list[str] | None = None, start:
     client = MlflowClient(tracking_uri=tracking_uri)
     experiment_id = _experiment_id(client, config.mlflow.experiment, artifact_location)
     parent = client.create_run(experiment_id, run_name=f"pipeline-{config.name}",
-                               tags={"vitpose.pipeline": config.name, "vitpose.code_version": code_version()})
+                               tags={"vitpose.pipeline": config.name, "vitpose.workdir": workdir,
+                                     "vitpose.code_version": code_version()})
     parent_id = parent.info.run_id
     client.log_param(parent_id, "stages", ",".join(selected))
     client.log_param(parent_id, "workdir", workdir)
     client.log_dict(parent_id, dump_config(config), "pipeline_config.json")
+    # a killed attempt (SIGKILL: no `finally`) left its pipeline run and the runs beneath it RUNNING
+    supersede_pipeline_attempts(client, experiment_id, config.name, workdir, parent_id)
     reporter.start(config, selected, workdir=workdir, tracking_uri=tracking_uri, ray=where)
 
     results: list[StageResult] = []
@@ -308,9 +312,10 @@ def _run_stage(spec: StageSpec, section: Any, config: PipelineConfig, force: boo
     reporter.stage_started(spec.name, index, total)
     if (spec.cacheable and not force and previous is not None and previous.get("config_hash") == stage_hash
             and previous.get("inputs") == input_fingerprints):
-        client.create_run(experiment_id, run_name=spec.name, tags={
+        skipped = client.create_run(experiment_id, run_name=spec.name, tags={
             "mlflow.parentRunId": parent_id, "vitpose.stage": spec.name, "vitpose.state": "skipped",
             "vitpose.original_run_id": previous.get("mlflow_run_id", "")})
+        client.set_terminated(skipped.info.run_id, "FINISHED")  # create_run starts it RUNNING
         result = StageResult(spec.name, "skipped", 0.0, previous.get("summary", ""), previous)
         reporter.stage_finished(result, index, total)
         return result

@@ -10,6 +10,17 @@ Pattern (RAY_NOTES.md section 6, as Ray's own e2e examples do it, without ``setu
   leaving a RUNNING orphan behind; ``end_run`` always runs in ``finally``;
 * other ranks get a tracker whose methods do nothing, so the training loop has no rank checks.
 
+A SIGKILLed attempt runs no ``finally``, so its runs stay RUNNING. What takes over closes them:
+
+* a Train run tags itself with its output URI (``vitpose.train_output``); when rank 0 starts (new or
+  re-opened), any other RUNNING run of the same output is one a dead attempt started before its first
+  checkpoint (so its id was never saved) and is set KILLED with ``vitpose.superseded_by`` = this run;
+* a re-opened run (id from a checkpoint or ``sweep.json``) that a supersede had already closed gets its
+  ``vitpose.superseded_by`` tag removed, and moves under the new attempt's parent run when that differs
+  (``vitpose.previous_parent_run_id`` keeps the old one), so the tree shows where it finished;
+* ``vitpose run`` closes the RUNNING pipeline runs of the same name and workdir, and every RUNNING run
+  beneath them, the same way (``supersede_pipeline_attempts``, called by ``pipelines.pipeline``).
+
 A ``tracking_uri`` of ``http://host:5000`` switches to a tracking server (needed on multi-node
 clusters: a sqlite file on one node is invisible to the others).
 """
@@ -20,6 +31,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +101,94 @@ def forwarded_env() -> dict[str, str]:
     return {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}
 
 
+SUPERSEDED_BY = "vitpose.superseded_by"  # on a run a dead attempt left RUNNING: the run that took over
+PREVIOUS_PARENT = "vitpose.previous_parent_run_id"  # on a re-opened run moved under the new attempt's parent
+TRAIN_OUTPUT = "vitpose.train_output"  # on a Train run: its output URI (<storage_path>/<name>)
+PARENT = "mlflow.parentRunId"
+
+
+def _search(client: Any, experiment_ids: list[str], filter_string: str) -> Iterator[Any]:
+    token = None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string, max_results=1000, page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
+def supersede(client: Any, run_ids: list[str], successor: str) -> list[str]:
+    """Set the RUNNING ones of ``run_ids`` KILLED, tagged ``vitpose.superseded_by=successor``; returns those."""
+    killed = []
+    for run_id in run_ids:
+        run = client.get_run(run_id)
+        if run.info.status != "RUNNING" or run_id == successor:
+            continue
+        client.set_tag(run_id, SUPERSEDED_BY, successor)
+        if "vitpose.state" in run.data.tags:  # a pipeline stage run: running -> killed
+            client.set_tag(run_id, "vitpose.state", "killed")
+        client.set_terminated(run_id, "KILLED")
+        killed.append(run_id)
+    if killed:
+        logger.info("marked %d MLflow run(s) left RUNNING by a dead attempt KILLED (superseded by %s): %s",
+                    len(killed), successor, ", ".join(killed))
+    return killed
+
+
+def descendants(client: Any, experiment_ids: list[str], root_id: str) -> list[str]:
+    """Ids of every run nested under ``root_id`` (children, their children, ...), in any state."""
+    found, todo = [], [root_id]
+    while todo:
+        parent = todo.pop()
+        for run in _search(client, experiment_ids, f"tags.`{PARENT}` = '{parent}'"):
+            if run.info.run_id not in found:
+                found.append(run.info.run_id)
+                todo.append(run.info.run_id)
+    return found
+
+
+def supersede_train_runs(client: Any, experiment_id: str, output: str, current_run_id: str) -> list[str]:
+    """KILL the other RUNNING runs of the Train run at ``output``: a dead attempt's, started before its first
+    checkpoint saved their id (nothing re-opens them); they stay in the store, marked."""
+    stale = [run.info.run_id for run in _search(client, [experiment_id], "attributes.status = 'RUNNING'")
+             if run.data.tags.get(TRAIN_OUTPUT) == output and run.info.run_id != current_run_id]
+    return supersede(client, stale, current_run_id)
+
+
+def adopt_reopened_run(client: Any, run_id: str, parent_run_id: str | None) -> None:
+    """A run re-opened by a new attempt: no longer superseded, and nested under this attempt's parent."""
+    run = client.get_run(run_id)
+    if SUPERSEDED_BY in run.data.tags:
+        client.delete_tag(run_id, SUPERSEDED_BY)
+        if run.data.tags.get("vitpose.state") == "killed":
+            client.set_tag(run_id, "vitpose.state", "running")
+    old_parent = run.data.tags.get(PARENT)
+    if parent_run_id and old_parent != parent_run_id:
+        client.set_tag(run_id, PARENT, parent_run_id)
+        if old_parent:
+            client.set_tag(run_id, PREVIOUS_PARENT, old_parent)
+
+
+def supersede_pipeline_attempts(client: Any, experiment_id: str, pipeline: str, workdir: str,
+                                current_run_id: str) -> list[str]:
+    """KILL the earlier RUNNING pipeline runs of ``pipeline`` on ``workdir`` and every RUNNING run beneath them.
+
+    A pipeline run still RUNNING when a new attempt starts on the same workdir belongs to an attempt that
+    died without its ``finally`` (SIGKILL, lost node); two live attempts on one workdir are not supported
+    (they would share stage directories and Train runs). Runs a new attempt re-opens later (a resumed Train
+    run, a restored tune sweep) become RUNNING again and move under it (``adopt_reopened_run``).
+    """
+    killed: list[str] = []
+    for run in _search(client, [experiment_id], "attributes.status = 'RUNNING'"):
+        tags, params = run.data.tags, run.data.params
+        if (run.info.run_id == current_run_id or tags.get("vitpose.pipeline") != pipeline
+                or tags.get("vitpose.workdir", params.get("workdir")) != workdir):
+            continue
+        beneath = descendants(client, [experiment_id], run.info.run_id)
+        killed += supersede(client, [*reversed(beneath), run.info.run_id], current_run_id)
+    return killed
+
+
 class Tracker:
     """MLflow logging for one Train run; a no-op unless ``active`` (rank 0 with tracking enabled)."""
 
@@ -98,17 +198,28 @@ class Tracker:
         self.run_id: str | None = None
         self.log_every_n_steps = int(settings.get("log_every_n_steps", 10))
 
-    def start(self, run_id: str | None = None, run_name: str | None = None) -> str | None:
-        """Start a new run, or re-open ``run_id`` (from a checkpoint) so a resumed job logs into it."""
+    def start(self, run_id: str | None = None, run_name: str | None = None, output: str | None = None) -> str | None:
+        """Start a new run, or re-open ``run_id`` (from a checkpoint) so a resumed job logs into it.
+
+        ``output``: the Train run's output URI; other RUNNING runs of it (a dead attempt's, started before
+        its first checkpoint) are set KILLED (``supersede_train_runs``).
+        """
         if not self.active:
             return None
         import mlflow
+        from mlflow.tracking import MlflowClient
 
         mlflow.set_tracking_uri(self.settings["tracking_uri"])
+        parent_run_id = self.settings.get("parent_run_id")
         run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else self.settings["experiment_id"],
                                run_name=None if run_id else (self.settings.get("run_name") or run_name),
-                               parent_run_id=self.settings.get("parent_run_id"))
+                               parent_run_id=parent_run_id, tags={TRAIN_OUTPUT: output} if output else None)
         self.run_id = run.info.run_id
+        client = MlflowClient(self.settings["tracking_uri"])
+        if run_id:
+            adopt_reopened_run(client, run_id, parent_run_id)
+        if output:
+            supersede_train_runs(client, run.info.experiment_id, output, self.run_id)
         logger.info("MLflow run %s (%s) at %s", self.run_id, "resumed" if run_id else "new",
                     self.settings["tracking_uri"])
         return self.run_id

@@ -81,11 +81,24 @@ def test_shard_stage_runs_records_and_is_skipped_on_rerun(ray_local, tmp_path: P
     assert children[0].data.metrics["rows_out"] == record["metrics"]["rows_out"]
     assert all(r.info.status == "FINISHED" for r in runs)
 
+    # runs as a SIGKILLed attempt on this workdir leaves them (tests/test_tracking.py kills a real process)
+    experiment_id = parents[0].info.experiment_id
+    dead_parent = client.create_run(experiment_id, run_name="pipeline-local", tags={
+        "vitpose.pipeline": "local", "vitpose.workdir": str(tmp_path / "runs")}).info.run_id
+    dead_stage = client.create_run(experiment_id, run_name="shard", tags={
+        "mlflow.parentRunId": dead_parent, "vitpose.stage": "shard", "vitpose.state": "running"}).info.run_id
+
     started = time.perf_counter()
     rerun = run_pipeline(config, stages=["shard"], reporter=Reporter())
     assert next(r for r in rerun if r.name == "shard").state == "skipped"
     assert time.perf_counter() - started < 60
     assert read_record(str(tmp_path / "runs" / "shard"))["mlflow_run_id"] == record["mlflow_run_id"]
+    runs = client.search_runs([experiment_id])
+    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]  # the skipped stage's run too
+    new_parent = max((r for r in runs if r.info.run_name == "pipeline-local"), key=lambda r: r.info.start_time)
+    for run_id in (dead_parent, dead_stage):
+        dead = client.get_run(run_id)
+        assert dead.info.status == "KILLED" and dead.data.tags["vitpose.superseded_by"] == new_parent.info.run_id
 
     # a changed config is not "the same config": the stage runs again
     changed = load_pipeline_config(None, [*TINY, "shard.rows_per_file=4", f"workdir={tmp_path / 'runs'}"])
@@ -122,8 +135,11 @@ def test_tiny_shard_finetune_register_run_then_rerun_skips_everything(ray_local,
     parent = next(r for r in runs if r.info.run_name == "pipeline-local")
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert set(children) == set(stages)
-    # the finetune Train run nests under the finetune stage's child run
-    assert any(r.data.tags.get("mlflow.parentRunId") == children["finetune"].info.run_id for r in runs)
+    # the finetune Train run nests under the finetune stage's child run, tagged with its output (its identity
+    # when a later attempt closes runs a killed one left RUNNING)
+    train_runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == children["finetune"].info.run_id]
+    assert len(train_runs) == 1 and train_runs[0].info.status == "FINISHED"
+    assert train_runs[0].data.tags["vitpose.train_output"].endswith("/" + Path(finetune["outputs"]["run"]).name)
     out = capsys.readouterr().out
     assert "[3/7] finetune  done in" in out and "[6/7] register  done in" in out
 
