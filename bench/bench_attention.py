@@ -30,7 +30,9 @@ IMG_SIZE = (576, 432)
 KINDS = ["full", "window", "shifted_window", "pooling_window", "naive_full (transformers eager)"]
 
 
-def child(kind: str, batch: int, window_size: int) -> dict:
+def child(kind: str, batch: int, window_size: int, precision: str) -> dict:
+    import contextlib
+
     import torch
 
     from vitpose_core import build_model
@@ -57,7 +59,9 @@ def child(kind: str, batch: int, window_size: int) -> dict:
 
     baseline_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    # bf16: the training engine's default (autocast, fp32 master weights)
+    amp = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), amp:
         out = forward(x)
     out.float().pow(2).mean().backward()
     seconds = time.perf_counter() - start
@@ -72,17 +76,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--window-size", type=int, default=8)
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--out", default="bench/results/attention.md")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.batch, args.window_size)))
+        print(json.dumps(child(args.child, args.batch, args.window_size, args.precision)))
         return
 
     rows = []
     for kind in KINDS:
         result = subprocess.run([sys.executable, __file__, "--child", kind, "--batch", str(args.batch),
-                                 "--window-size", str(args.window_size)], capture_output=True, text=True, check=True)
+                                 "--window-size", str(args.window_size), "--precision", args.precision], capture_output=True, text=True, check=True)
         rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
 
@@ -90,9 +95,9 @@ def main() -> None:
     naive = rows[-1]
     lines = [
         f"# Attention types: one training step of ViTPose-B at {IMG_SIZE[0]}x{IMG_SIZE[1]}, batch {args.batch}, "
-        f"window {args.window_size}",
+        f"window {args.window_size}, {args.precision}",
         "",
-        f"Command: `python bench/bench_attention.py --batch {args.batch}` ({time.strftime('%Y-%m-%d %H:%M')}); "
+        f"Command: `python bench/bench_attention.py --batch {args.batch} --precision {args.precision}` ({time.strftime('%Y-%m-%d %H:%M')}); "
         "each row in a fresh process.",
         "",
         "| attention | activations saved for backward (MiB) | vs fused full | vs naive full | peak RSS growth (MiB) | step time (s, noisy) |",

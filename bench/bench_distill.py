@@ -48,9 +48,9 @@ def make_shards(workdir: Path, train_images: int, val_images: int) -> str:
     return str(workdir / "shards")
 
 
-def common_sections(epochs: int, tracking_uri: str) -> dict:
-    return {"data": {"batch_size": 16, "shuffle_buffer": 512},
-            "optim": {"lr": 1e-3}, "schedule": {"epochs": epochs, "warmup_steps": 10, "kind": "cosine"},
+def common_sections(epochs: int, tracking_uri: str, batch_size: int, lr: float) -> dict:
+    return {"data": {"batch_size": batch_size, "shuffle_buffer": 1024},
+            "optim": {"lr": lr}, "schedule": {"epochs": epochs, "warmup_steps": 30, "kind": "cosine"},
             "scaling": {"num_workers": 1, "cpus_per_worker": 0.5}, "eval": {"batch_size": 64, "num_visualized": 0},
             "tracking": {"tracking_uri": tracking_uri, "experiment": "bench-distill"}}
 
@@ -70,6 +70,9 @@ def main() -> None:
     parser.add_argument("--teacher-epochs", type=int, default=10)
     parser.add_argument("--student-epochs", type=int, default=6)
     parser.add_argument("--token-epochs", type=int, default=2)
+    parser.add_argument("--shards", default=None, help="existing shards (e.g. runs/learning_curve/shards) instead of new ones")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3)
     args = parser.parse_args()
 
     import ray
@@ -83,11 +86,12 @@ def main() -> None:
     tracking_uri = f"sqlite:///{workdir / 'mlflow.db'}"
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     start = time.time()
-    shards = make_shards(workdir, args.train_images, args.val_images)
+    shards = str(Path(args.shards).resolve()) if args.shards else make_shards(workdir, args.train_images, args.val_images)
 
     teacher_config = build_config(FinetuneConfig, {
-        **common_sections(args.teacher_epochs, tracking_uri),
-        "model": {"variant": "vitpose-tiny", "input_size": [96, 128]}, "data": {"shards": shards, "batch_size": 16},
+        **common_sections(args.teacher_epochs, tracking_uri, args.batch_size, args.lr),
+        "model": {"variant": "vitpose-tiny", "input_size": [96, 128]},
+        "data": {"shards": shards, "batch_size": args.batch_size, "shuffle_buffer": 1024},
         "checkpoint": {"storage_path": str(workdir / "teacher"), "name": "teacher"}})
     teacher = run_finetune(teacher_config).return_value
     teacher_dir = workdir / "teacher" / "teacher" / "finetune_export"
@@ -97,7 +101,7 @@ def main() -> None:
     for name, switches in VARIANTS.items():
         slug = name.replace(" + ", "_").replace(" ", "_")
         config = build_config(DistillConfig, {
-            **common_sections(args.student_epochs, tracking_uri),
+            **common_sections(args.student_epochs, tracking_uri, args.batch_size, args.lr),
             "out": str(workdir / slug), "shards": shards, "teacher": str(teacher_dir),
             "model": {"variant": "vitpose-tiny"},
             "student": {"embed_dim": 96, "depth": 3, "num_heads": 3, "mlp_hidden_dim": 384, "decoder_channels": 64},

@@ -9,6 +9,9 @@ Settings:
   fp32          eager fp32 forward under torch.inference_mode
   bf16-autocast torch.autocast("cpu", bfloat16) around the fp32 model (the peer's documented mode)
   bf16-weights  model cast to bfloat16 once (no per-call weight casts, bf16 LayerNorm/GELU/softmax)
+  bf16-compiled bf16 weights + torch.compile(dynamic=True, inductor freezing): ours through
+                `vitpose_core.inference.optimize_for_inference`, the peer through the same
+                torch.compile call, so the comparison is of the models, not of the recipe
 
 Run: python bench/bench_model_throughput.py [--batch 16] [--rounds 5] [--out bench/results/model_throughput.md]
 """
@@ -29,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vitpose_core import build_model  # noqa: E402
+from vitpose_core.inference import optimize_for_inference  # noqa: E402
 from vitpose_core.interop import build_hf_model  # noqa: E402
 
 
@@ -55,10 +59,15 @@ def make_runner(name: str, model: torch.nn.Module, setting: str, is_hf: bool):
     model = model.eval()
     if setting == "bf16-weights":
         model = model.to(torch.bfloat16)
+    elif setting == "bf16-compiled":
+        if is_hf:
+            model = torch.compile(model.to(torch.bfloat16), dynamic=True, options={"freezing": True})
+        else:
+            model = optimize_for_inference(model, torch.bfloat16, compile=True)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if setting == "bf16-autocast" else contextlib.nullcontext()
-        inp = x.to(torch.bfloat16) if setting == "bf16-weights" else x
+        inp = x.to(torch.bfloat16) if setting in ("bf16-weights", "bf16-compiled") else x
         with torch.inference_mode(), ctx:
             out = model(pixel_values=inp).heatmaps if is_hf else model(inp)
         return out.float()
@@ -94,19 +103,20 @@ def main() -> None:
     flops_per_crop = forward_flops(ours, x[:1])
     peaks = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
 
-    settings = ["fp32", "bf16-autocast", "bf16-weights"]
+    settings = ["fp32", "bf16-autocast", "bf16-weights", "bf16-compiled"]
     runners = []
     for setting in settings:
         model_ours = build_model("vitpose-b")
         model_ours.load_state_dict(state)  # identical weights on both sides
         runners.append(("ours", setting, make_runner("ours", model_ours, setting, False)))
     # the peer in its own settings: fused (sdpa) and eager attention, autocast and bf16 weights
-    for setting, attn in [("fp32", "sdpa"), ("bf16-autocast", "eager"), ("bf16-autocast", "sdpa"),
-                          ("bf16-weights", "sdpa")]:
+    for setting, attn in [("fp32", "sdpa"), ("fp32", "eager"), ("bf16-autocast", "eager"), ("bf16-autocast", "sdpa"),
+                          ("bf16-weights", "sdpa"), ("bf16-weights", "eager"), ("bf16-compiled", "sdpa")]:
         hf_model = build_hf_model(ours.config, state, attn_implementation=attn)
         runners.append((f"transformers-{attn}", setting, make_runner("hf", hf_model, setting, True)))
 
-    # accuracy: every setting's heatmaps against our fp32 heatmaps, and decoded keypoints
+    # accuracy: every setting's heatmaps against our fp32 heatmaps. The first call of a compiled
+    # setting compiles it (~1 min each on 2 cores); the timed rounds below see warm kernels.
     reference = runners[0][2](x[:4])
     accuracy = {}
     for side, setting, run in runners:
@@ -134,6 +144,12 @@ def main() -> None:
     best_ours = max((r for r in rows if r["impl"] == "ours"), key=lambda r: r["crops_per_s"])
     best_hf = max((r for r in rows if r["impl"].startswith("transformers")), key=lambda r: r["crops_per_s"])
     ratio = best_ours["crops_per_s"] / best_hf["crops_per_s"]
+    eager_hf = [r for r in rows if r["impl"].startswith("transformers") and r["setting"] != "bf16-compiled"]
+    best_hf_eager = max(eager_hf, key=lambda r: r["crops_per_s"])
+    by_setting = {(r["impl"], r["setting"]): r["crops_per_s"] for r in rows}
+
+    def best_hf_in(setting: str) -> float:
+        return max(v for (impl, st), v in by_setting.items() if impl.startswith("transformers") and st == setting)
 
     lines = [
         "# ViTPose-B inference throughput, 256x192, this CPU",
@@ -151,6 +167,13 @@ def main() -> None:
         lines.append(f"| {r['impl']} | {r['setting']} | {r['crops_per_s']:.2f} | {r['gflops']:.0f} | "
                      f"{100 * r['utilisation']:.0f}% | {r['rel_diff']:.4f} |")
     lines += ["", f"Best ours ({best_ours['setting']}) / best transformers ({best_hf['impl']} {best_hf['setting']}): **{ratio:.2f}x**",
+              "",
+              f"Best ours / best transformers without torch.compile ({best_hf_eager['impl']} {best_hf_eager['setting']}): "
+              f"**{best_ours['crops_per_s'] / best_hf_eager['crops_per_s']:.2f}x**",
+              "",
+              "Same setting on both sides (ours / transformers' faster attention implementation in that setting): "
+              + ", ".join(f"{setting} {by_setting[('ours', setting)] / best_hf_in(setting):.2f}x"
+                          for setting in settings),
               "", "Per-round samples (crops/s): " + json.dumps({f"{s}/{st}": [round(v, 2) for v in vals]
                                                                 for (s, st), vals in samples.items()})]
     out = Path(args.out)

@@ -70,6 +70,39 @@ def test_attention_matches_reference_definition(attn_type, shift, window, grid):
         torch.testing.assert_close(attn(x, grid), reference_attention(attn, x, grid), atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize(("attn_type", "shift", "window", "grid"), CASES)
+def test_bf16_attention_matches_reference_definition(attn_type, shift, window, grid):
+    """bf16 on the CPU takes the explicit-softmax kernel (short sequences); it computes the same function."""
+    torch.manual_seed(0)
+    attn = Attention(64, 4, attn_type=attn_type, window_size=window, shift=shift).eval()
+    x = torch.randn(2, grid[0] * grid[1], 64)
+    with torch.no_grad():
+        expected = reference_attention(attn, x, grid)
+        actual = attn.to(torch.bfloat16)(x.to(torch.bfloat16), grid).float()
+    torch.testing.assert_close(actual, expected, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("num_tokens", [48, 600])  # explicit kernel below the threshold, fused above it
+def test_kernel_choice_computes_the_same_function_with_gradients(num_tokens):
+    from vitpose_core.models.attention import EXPLICIT_ATTENTION_MAX_TOKENS, scaled_dot_product_attention
+
+    assert (num_tokens <= EXPLICIT_ATTENTION_MAX_TOKENS) == (num_tokens == 48)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, num_tokens, 16, requires_grad=True) for _ in range(3))
+    mask = torch.rand(num_tokens, num_tokens) > 0.3
+    mask |= torch.eye(num_tokens, dtype=torch.bool)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    expected.square().sum().backward()
+    expected_grads = [t.grad.clone() for t in (q, k, v)]
+    low = [t.detach().to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as in bf16 training
+        actual = scaled_dot_product_attention(*low, mask)
+    actual.float().square().sum().backward()
+    torch.testing.assert_close(actual.float(), expected, atol=3e-2, rtol=3e-2)
+    for grad, ref in zip((t.grad.float() for t in low), expected_grads):
+        assert (grad - ref).norm() / ref.norm() < 2e-2
+
+
 def test_window_attention_is_local():
     """Perturbing a token changes only the outputs of tokens in its own window."""
     torch.manual_seed(0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -146,3 +147,20 @@ def test_core_never_imports_ray_or_mlflow():
             "bad = [m for m in ('ray', 'mlflow') if m in sys.modules]\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT)
+
+
+def test_optimized_model_matches_eager_for_any_batch_size():
+    """bf16 weights + torch.compile (freezing, dynamic batch): heatmaps as eager bf16, no recompile per batch."""
+    from vitpose_core.inference import optimize_for_inference, run_model
+
+    torch.manual_seed(0)
+    model = build_model("vitpose-tiny", img_size=(64, 48)).eval()
+    eager = copy.deepcopy(model).to(torch.bfloat16)
+    compiled = optimize_for_inference(model, torch.bfloat16, compile=True)
+    assert compiled.config.img_size == (64, 48)  # attribute access still reaches the model
+    for batch in (3, 1):
+        crops = torch.randn(batch, 3, 64, 48)
+        expected = run_model(eager, crops)
+        actual = run_model(compiled, crops)
+        assert actual.dtype == torch.float32 and actual.shape == expected.shape
+        torch.testing.assert_close(actual, expected, atol=2e-2 * float(expected.abs().max()), rtol=0.05)

@@ -67,6 +67,10 @@ class PoseModel:
         self.dtype = torch.bfloat16 if self.dtype_name == "bf16" else None
         if self.dtype is not None:
             self.model = self.model.to(self.dtype)  # cast once; run_model feeds crops in this dtype
+        if self.config.compile:
+            from vitpose_core.inference import optimize_for_inference
+
+            self.model = optimize_for_inference(self.model, dtype=None, compile=True)
         self.keypoint_set = KEYPOINT_SETS[self.model.config.keypoint_set]
         self.input_size = model_input_size(self.model)  # (w, h)
         self.codec = UDPHeatmapCodec(self.input_size)
@@ -79,10 +83,16 @@ class PoseModel:
                     resolved.version, resolved.path, device, self.dtype_name, batching.max_batch_size)
 
     def _warm_up(self) -> None:
-        """One full-size batch now, so the first requests do not pay for allocator and kernel warm-up."""
+        """One full-size batch now, so the first requests do not pay for allocator and kernel warm-up.
+
+        A compiled model also runs a 1-crop batch: torch.compile specialises batch size 1 even with
+        dynamic shapes, and that compilation should happen here, not on a user's request.
+        """
         width, height = self.input_size
-        crops = np.zeros((self.config.batching.max_batch_size, 3, height, width), np.float32)
-        self._infer_sync([(crops, np.tile(np.eye(2, 3), (len(crops), 1, 1)))])
+        sizes = [self.config.batching.max_batch_size] + ([1] if self.config.compile else [])
+        for size in dict.fromkeys(sizes):
+            crops = np.zeros((size, 3, height, width), np.float32)
+            self._infer_sync([(crops, np.tile(np.eye(2, 3), (len(crops), 1, 1)))])
 
     def info(self) -> dict[str, Any]:
         """What the ingress needs to crop, and what `/v1/model` reports."""

@@ -20,6 +20,15 @@ ships no code for them, so this module defines them precisely:
 
 All four share the same parameters (one fused ``qkv`` linear with bias and one ``proj``), so a
 checkpoint trained with one attention type loads into a model using another.
+
+Which kernel computes ``softmax(q k^T / sqrt(d)) v`` is a speed choice, not a numerics one:
+PyTorch's fused CPU kernel (flash attention) is tuned for long sequences, and in bf16 on short ones
+(ViTPose-B's 192 tokens at 256x192, the tiny preset's 48, every 64-token window) two batched
+matmuls and a softmax run 1.7-2.3x faster, inference and forward + backward
+(bench/results/attention_kernels.md). So low-precision CPU attention over at most
+``EXPLICIT_ATTENTION_MAX_TOKENS`` keys uses the explicit form -- what the official implementation
+and transformers' "eager" attention compute -- and everything else uses
+``F.scaled_dot_product_attention``. In fp32 the fused kernel is as fast or faster at every length measured.
 """
 
 from __future__ import annotations
@@ -32,6 +41,29 @@ from torch import nn
 
 AttentionType = Literal["full", "window", "shifted_window", "pooling_window"]
 ATTENTION_TYPES: tuple[str, ...] = ("full", "window", "shifted_window", "pooling_window")
+# Below this many keys the explicit kernel is 1.7-2.3x faster in bf16 (bench/results/attention_kernels.md);
+# above it the gain shrinks (1.0-1.25x at 432-972 keys) while the explicit kernel's saved (L x L)
+# probabilities grow quadratically, so long sequences keep the fused kernel's linear memory.
+EXPLICIT_ATTENTION_MAX_TOKENS = 512
+
+
+def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + mask) v over (..., L, d) tensors; a bool mask is True where allowed.
+
+    Picks the faster kernel for the case (see the module docstring); both compute the same function.
+    """
+    explicit = (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+                and k.shape[-2] <= EXPLICIT_ATTENTION_MAX_TOKENS)
+    if not explicit:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    # Autocast would run the softmax in fp32 and cast back, which costs more than the matmuls here;
+    # the CPU softmax kernel already accumulates bf16 inputs in fp32.
+    with torch.autocast("cpu", enabled=False):
+        logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (..., Lq, Lk)
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        return logits.softmax(dim=-1) @ v
 
 
 class Attention(nn.Module):
@@ -97,7 +129,7 @@ class Attention(nn.Module):
 
     def _full_attention(self, qkv: torch.Tensor) -> torch.Tensor:
         q, k, v = self._split_heads(qkv)
-        return self._merge_heads(F.scaled_dot_product_attention(q, k, v))
+        return self._merge_heads(scaled_dot_product_attention(q, k, v))
 
     def _window_attention(self, qkv: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
         batch, num_tokens, width = qkv.shape
@@ -129,7 +161,7 @@ class Attention(nn.Module):
             value = torch.cat([value, pooled_v.unsqueeze(1).expand(-1, num_windows, -1, -1, -1)], dim=-2)
             if mask is not None:
                 mask = F.pad(mask, (0, pooled_k.shape[-2]), value=True)
-        out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask)
+        out = scaled_dot_product_attention(q, key, value, mask)
         out = self._merge_heads(out)  # (B, nW, k*k, C)
 
         channels = out.shape[-1]
