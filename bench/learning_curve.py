@@ -159,8 +159,9 @@ def finetune(args: argparse.Namespace) -> None:
             payload["points"].append({"seconds": round(train_seconds, 1), "step": step, "loss": result.loss,
                                       "lr": result.lr, "images_per_s": round(result.samples_per_second, 1)})
         finished = train_seconds > args.minutes * 60 or step >= min(args.steps, args.stop_step or args.steps)
-        if train_seconds >= next_eval or finished:
-            next_eval += args.eval_every
+        due = (step % args.eval_every_steps == 0) if args.eval_every_steps else train_seconds >= next_eval
+        if due or finished:
+            next_eval += 0 if args.eval_every_steps else args.eval_every
             point = {"seconds": round(train_seconds, 1), "wall_seconds": round(time.perf_counter() - start, 1),
                      "step": step, "loss": result.loss, **evaluate(), "loadavg": os.getloadavg()[0]}
             payload["evals"].append(point)
@@ -190,6 +191,8 @@ def main() -> None:
     parser.add_argument("--rotation", type=float, default=30.0)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--eval-every", type=float, default=120.0, help="train seconds between evaluations")
+    parser.add_argument("--eval-every-steps", type=int, default=None,
+                        help="evaluate every N steps instead (equal-step comparisons, e.g. MAE vs scratch)")
     parser.add_argument("--init", choices=["scratch", "mae"], default="scratch")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

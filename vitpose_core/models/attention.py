@@ -57,6 +57,13 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                 and k.shape[-2] <= EXPLICIT_ATTENTION_MAX_TOKENS)
     if not explicit:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return _explicit_attention(q, k, v, mask)
+
+
+# Kept out of torch.compile graphs: inductor's generated bf16 softmax kernel took as long as the two
+# matmuls together (ViTPose-B, 192 tokens), halving the compiled model's speed; eager aten is fast.
+@torch.compiler.disable
+def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     # Autocast would run the softmax in fp32 and cast back, which costs more than the matmuls here;
     # the CPU softmax kernel already accumulates bf16 inputs in fp32.
     with torch.autocast("cpu", enabled=False):
