@@ -117,7 +117,8 @@ def main() -> None:
     (RESULTS / "distill.json").write_text(json.dumps({"args": vars(args), "rows": rows,
                                                       "seconds": time.time() - start}, indent=1))
     lines = ["# Distillation ablation (synthetic data, CPU)", "",
-             f"`bench/bench_distill.py` with {vars(args)}; total {time.time() - start:.0f} s on a shared 2-core box.",
+             f"`bench/bench_distill.py` with {vars(args)}; total {time.time() - start:.0f} s on a shared 2-core box"
+             + (f" (shards from {args.shards}; train_images/val_images unused)." if args.shards else "."),
              "Students: width 96, depth 3, 128x96 input, the same seed, data order, schedule and "
              f"{args.student_epochs} epochs of optimiser steps each; the token variants first spend "
              f"{args.token_epochs} epoch(s) of teacher-side steps learning the token. AP: COCO keypoint AP on the "
