@@ -274,7 +274,18 @@ class Tracker:
                               for k, value in counts.items()])
         dataset = mlflow.data.from_pandas(table, source=shards_uri, name=f"shards-{_basename(shards_uri)}",
                                           digest=str(manifest.get("fingerprint", ""))[:36] or None)
-        mlflow.log_input(dataset, context="training")
+        try:
+            mlflow.log_input(dataset, context="training")
+        except Exception as error:  # noqa: BLE001 - MLflow wraps the store's error in several types
+            # Concurrent tune trials log the same dataset to one experiment: MLflow checks for the
+            # dataset, then inserts it, so the slower trial hits the unique constraint (seen with
+            # sqlite, and it failed the trial's worker group). The dataset now exists, so logging
+            # again just links it to this run.
+            if "UNIQUE constraint" not in str(error) and "IntegrityError" not in str(error) \
+                    and "Duplicate entry" not in str(error) and "duplicate key" not in str(error):
+                raise
+            logger.info("dataset %s was logged concurrently by another run; linking it", dataset.name)
+            mlflow.log_input(dataset, context="training")
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "manifest.json"
             path.write_text(json.dumps(manifest, indent=1))

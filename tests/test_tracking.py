@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,40 @@ def test_a_new_pipeline_attempt_kills_the_dead_attempts_runs_and_adopts_the_run_
     assert resumed.data.tags["mlflow.parentRunId"] == stage and resumed.data.tags[PREVIOUS_PARENT] == dead["stage"]
     tracker.end()
     assert client.get_run(dead["train"]).info.status == "FINISHED"
+
+
+CONCURRENT_TRIAL = """
+import time
+from pathlib import Path
+from pipelines.tracking import Tracker
+tracker = Tracker(values["settings"], active=True)
+tracker.start(None, run_name=f"trial-{values['index']}")
+Path(values["ready"]).touch()
+while not Path(values["go"]).exists():  # start logging together: the race needs overlapping inserts
+    time.sleep(0.001)
+tracker.log_shards_input(values["shards"], {"fingerprint": "f" * 64, "counts": {"coco/train": {"rows_out": 7}}})
+tracker.end(failed=False)
+"""
+
+
+def test_concurrent_trials_logging_the_same_dataset_all_succeed(store, tmp_path):
+    """Tune trials start together and log the same shards to one experiment; none may fail on MLflow's
+    dataset unique constraint (a real race: it failed a trial's worker group in a 4-trial sweep)."""
+    settings, client = store
+    go = tmp_path / "go"
+    procs = []
+    for index in range(6):
+        values = {"settings": settings, "index": index, "ready": str(tmp_path / f"ready{index}"), "go": str(go),
+                  "shards": str(tmp_path / "shards")}
+        script = "import json, sys\nvalues = json.loads(sys.argv[1])\n" + textwrap.dedent(CONCURRENT_TRIAL)
+        procs.append(subprocess.Popen([sys.executable, "-c", script, json.dumps(values)], cwd=REPO,
+                                      stderr=subprocess.PIPE, text=True))
+    deadline = time.time() + 120
+    while len(list(tmp_path.glob("ready*"))) < len(procs) and time.time() < deadline:
+        time.sleep(0.05)
+    go.touch()
+    errors = [proc.communicate(timeout=120)[1] for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), "\n".join(e[-1500:] for e in errors if e)
+    runs = client.search_runs([client.get_experiment_by_name("vitpose").experiment_id])
+    assert len(runs) == len(procs)
+    assert all(len(run.inputs.dataset_inputs) == 1 for run in runs)
