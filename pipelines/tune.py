@@ -307,6 +307,26 @@ def summarize_trials(results: Any, config: TuneConfig, out: str) -> tuple[list[d
     return rows, max(scored, key=lambda row: row[f"best_{config.metric}"])
 
 
+def _end_stopped_trial_runs(trials: list[dict[str, Any]], sweep_run_id: str) -> None:
+    """End the MLflow runs of trials ASHA stopped: Tune kills the trial's Train run mid-flight, so its
+    rank-0 tracker never ends the run and it would stay RUNNING. They end FINISHED (the scheduler
+    meant it) with the tag ``vitpose.stopped_early``; the trial table says at which epoch."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    sweep = client.get_run(sweep_run_id)
+    stopped = {f"trial-{t['trial_id']}": t for t in trials if t.get("stopped_early")}
+    if not stopped:
+        return
+    children = client.search_runs([sweep.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{sweep_run_id}'")
+    for run in children:
+        trial = stopped.get(run.info.run_name)
+        if trial is not None and run.info.status == "RUNNING":
+            client.set_tag(run.info.run_id, "vitpose.stopped_early", f"after epoch {trial['epochs']}")
+            client.set_terminated(run.info.run_id, status="FINISHED")
+
+
 def _record_winner(config: TuneConfig, experiment: str, trials: list[dict[str, Any]], winner: dict[str, Any],
                    sweep_run_id: str | None, tracking: dict[str, Any]) -> dict[str, Any]:
     """winner.json content; logs the trial table and the winner to the sweep run; registers the winner."""
@@ -325,6 +345,7 @@ def _record_winner(config: TuneConfig, experiment: str, trials: list[dict[str, A
         mlflow.log_metrics({f"winner_{metric}": winner[f"best_{metric}"],
                             "trials_stopped_early": sum(bool(t.get("stopped_early")) for t in trials)})
         mlflow.set_tags({"winner_trial_id": winner["trial_id"]})
+        _end_stopped_trial_runs(trials, sweep_run_id)
     if config.registry.enabled and sweep_run_id is not None:
         from pipelines.champion import register_and_maybe_promote, val_ap_scorer
 

@@ -62,7 +62,7 @@ def tune_shards(ray_local, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def finetuned_tiny(tune_shards, tmp_path_factory) -> str:
+def finetuned_tiny(ray_local, tmp_path_factory) -> str:
     """A vitpose-tiny fine-tuned for a few epochs on the tune shards: the sweep's starting point.
 
     Trials started from scratch all score val AP 0.0 after 4 short epochs, and ASHA never stops a
@@ -72,10 +72,12 @@ def finetuned_tiny(tune_shards, tmp_path_factory) -> str:
     from pipelines.finetune import FinetuneConfig, run_finetune
 
     root = tmp_path_factory.mktemp("tune_init")
+    # ~10k crops of training (the sweep's 40-image shards give ~100 crops: far too few to leave AP 0)
+    init_shards = make_synthetic_shards(root / "data", 200, 8, (144, 192))
     config = build_config(FinetuneConfig, {
         "model": {"variant": "vitpose-tiny", "input_size": [96, 128]},
-        "data": {"shards": tune_shards, "batch_size": 16, "shuffle_buffer": 256},
-        "optim": {"lr": 1e-3}, "schedule": {"epochs": 8, "warmup_steps": 5, "kind": "cosine"},
+        "data": {"shards": init_shards, "batch_size": 32, "shuffle_buffer": 512},
+        "optim": {"lr": 1e-3}, "schedule": {"epochs": 20, "warmup_steps": 20, "kind": "cosine"},
         "scaling": {"num_workers": 1, "cpus_per_worker": 0.5}, "eval": {"batch_size": 32, "num_visualized": 0},
         "checkpoint": {"storage_path": str(root), "name": "init"},
         "tracking": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "tune-init"}})
@@ -116,7 +118,11 @@ def test_four_trial_sweep_stops_early_picks_the_best_and_nests_trials_in_mlflow(
     assert all("val_AP" in r.data.metrics and "optim.lr" in r.data.params for r in children)
     # first registration: no champion yet, so the winner becomes it; the comparison is logged either way
     assert record["registry"]["promoted"] and record["registry"]["champion_version_before"] is None
-    assert MlflowClient().get_model_version_by_alias("vitpose", "champion").version == record["version"]
+    assert str(MlflowClient().get_model_version_by_alias("vitpose", "champion").version) == str(record["version"])
+    # trials ASHA stopped were killed mid-run; their runs are ended, not left RUNNING
+    stopped = {f"trial-{t['trial_id']}" for t in trials if t["stopped_early"]}
+    assert all(r.info.status == "FINISHED" and r.data.tags.get("vitpose.stopped_early")
+               for r in children if r.info.run_name in stopped)
     artifacts = {a.path for a in MlflowClient().list_artifacts(record["sweep_run_id"])}
     assert {"trials.json", "winner.json", "champion_comparison.json"} <= artifacts
 
