@@ -48,11 +48,21 @@ def make_shards(workdir: Path, train_images: int, val_images: int) -> str:
     return str(workdir / "shards")
 
 
-def common_sections(epochs: int, tracking_uri: str, batch_size: int, lr: float) -> dict:
+def open_workdir(path: str) -> tuple[Path, str]:
+    """The bench's work directory (created), its sqlite MLflow URI, and a local 2-CPU Ray."""
+    import ray
+
+    workdir = Path(path).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    return workdir, f"sqlite:///{workdir / 'mlflow.db'}"
+
+
+def common_sections(epochs: int, tracking_uri: str, batch_size: int, lr: float, experiment: str = "bench-distill") -> dict:
     return {"data": {"batch_size": batch_size, "shuffle_buffer": 1024},
             "optim": {"lr": lr}, "schedule": {"epochs": epochs, "warmup_steps": 30, "kind": "cosine"},
             "scaling": {"num_workers": 1, "cpus_per_worker": 0.5}, "eval": {"batch_size": 64, "num_visualized": 0},
-            "tracking": {"tracking_uri": tracking_uri, "experiment": "bench-distill"}}
+            "tracking": {"tracking_uri": tracking_uri, "experiment": experiment}}
 
 
 def curve(run_id: str, tracking_uri: str) -> list[float]:
@@ -75,16 +85,11 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     args = parser.parse_args()
 
-    import ray
-
     from pipelines.config import build_config
     from pipelines.distill import DistillConfig, run_distill
     from pipelines.finetune import FinetuneConfig, run_finetune
 
-    workdir = Path(args.workdir).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    tracking_uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    workdir, tracking_uri = open_workdir(args.workdir)
     start = time.time()
     shards = str(Path(args.shards).resolve()) if args.shards else make_shards(workdir, args.train_images, args.val_images)
 

@@ -36,30 +36,24 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     args = parser.parse_args()
 
-    import ray
-    from bench_distill import curve, make_shards
+    from bench_distill import common_sections, curve, make_shards, open_workdir
 
     from pipelines.config import build_config
     from pipelines.finetune import FinetuneConfig, run_finetune
 
-    workdir = Path(args.workdir).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    tracking_uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    workdir, tracking_uri = open_workdir(args.workdir)
     shards = str(workdir / "shards") if (workdir / "shards" / "manifest.json").exists() else \
         make_shards(workdir, args.train_images, args.val_images)
 
     rows = []
     for name, workers, seed in RUNS:
         slug = name.split(" (")[0].replace(", ", "_").replace(" ", "_")
+        sections = common_sections(args.epochs, tracking_uri, args.batch_size, args.lr, experiment="bench-workers")
         config = build_config(FinetuneConfig, {
-            "model": {"variant": "vitpose-tiny", "input_size": [96, 128]},
-            "data": {"shards": shards, "batch_size": args.batch_size, "shuffle_buffer": 1024},
-            "optim": {"lr": args.lr}, "schedule": {"epochs": args.epochs, "warmup_steps": 30, "kind": "cosine"},
-            "scaling": {"num_workers": workers, "cpus_per_worker": 0.5},
-            "eval": {"batch_size": 64, "num_visualized": 0}, "seed": seed,
-            "checkpoint": {"storage_path": str(workdir / "runs"), "name": slug},
-            "tracking": {"tracking_uri": tracking_uri, "experiment": "bench-workers"}})
+            **sections, "model": {"variant": "vitpose-tiny", "input_size": [96, 128]},
+            "data": {**sections["data"], "shards": shards},
+            "scaling": {"num_workers": workers, "cpus_per_worker": 0.5}, "seed": seed,
+            "checkpoint": {"storage_path": str(workdir / "runs"), "name": slug}})
         start = time.time()
         result = run_finetune(config).return_value
         rows.append({"run": name, "workers": workers, "seed": seed, "steps": result["step"],
