@@ -112,20 +112,13 @@ class ScalingSection(StrictConfig):
     use_gpu: bool = False
     cpus_per_worker: float = Field(0.5, gt=0)
     gpus_per_worker: float = Field(1.0, gt=0)
-    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="fsdp (GPU only) for ViTPose-H/G")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp: replicated model; fsdp: parameters, gradients and optimiser state sharded per "
+                           "transformer block (ViTPose-H/G on GPUs; also runs on CPU over gloo)")
     precision: Literal["bf16", "fp32"] = "bf16"
 
-    @model_validator(mode="after")
-    def _fsdp_needs_gpu(self) -> ScalingSection:
-        if self.strategy == "fsdp" and not self.use_gpu:
-            raise ValueError("scaling.strategy 'fsdp' needs use_gpu: true (Ray's FSDP wrapper is CUDA only); "
-                             "use 'ddp' on CPU")
-        return self
-
-    def strategy_kwargs(self, model: Any) -> dict[str, Any] | None:
+    def fsdp_kwargs(self) -> dict[str, Any]:
         """FSDP: shard per transformer block, bf16 params, original parameters kept for layer decay."""
-        if self.strategy != "fsdp":
-            return None
         import functools
 
         import torch
@@ -136,6 +129,7 @@ class ScalingSection(StrictConfig):
 
         mixed = (MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, buffer_dtype=torch.float32)
                  if self.precision == "bf16" else None)
+        # use_orig_params keeps the per-parameter names and shapes that layer-wise lr decay groups by
         return {"auto_wrap_policy": functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={Block}),
                 "mixed_precision": mixed, "use_orig_params": True}
 

@@ -222,8 +222,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     state = read_train_state(ray.train.get_checkpoint())
     if state is not None:
         model.load_state_dict(state["model"])
-    model = ray.train.torch.prepare_model(model, parallel_strategy=config.scaling.strategy,
-                                          parallel_strategy_kwargs=config.scaling.strategy_kwargs(model))
+    model = wrap_model(model, config.scaling.strategy, config.scaling.fsdp_kwargs(), device)
     optimizer = build_adamw(model, config.optim.lr, config.optim.weight_decay, config.optim.layer_decay_for(config),
                             config.optim.betas, backbone_prefix=stage.backbone_prefix)
     scheduler = build_scheduler(optimizer, total_steps, config.schedule.warmup_steps, config.schedule.warmup_ratio,
@@ -231,7 +230,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "resumed_from": [],
                 "mlflow_run_id": None}
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        _load_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         progress.update(state["progress"])
@@ -252,8 +251,8 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         stream = config.data.stream_config(config.model.input_size)
         per_worker_batch = config.data.batch_size // world
 
-        def save(metrics: dict[str, float]) -> None:
-            report_with_state(model, optimizer, scheduler, progress, metrics, rank)
+        def save(metrics: dict[str, float], full_state: tuple[dict, dict] | None = None) -> None:
+            report_with_state(model, optimizer, scheduler, progress, metrics, rank, full_state)
 
         def on_step(result: StepResult) -> None:
             progress["step"] = result.step
@@ -276,12 +275,16 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             progress.update(epoch=epoch + 1, batch_in_epoch=0)
             metrics = {"step": progress["step"], "epoch": epoch + 1, "train_loss_epoch": summary.mean_loss,
                        "epoch_seconds": summary.seconds}
-            if rank == 0 and stage.validate is not None:
-                metrics.update(stage.validate(unwrap_model(model), config, tracker, epoch + 1))
+            # gathered once per epoch for validation, export and the checkpoint (a collective under FSDP)
+            full_state = _full_state(model, optimizer)
             if rank == 0:
+                plain = _plain_model(stage, config, model, full_state[0], device)
+                if stage.validate is not None:
+                    metrics.update(stage.validate(plain, config, tracker, epoch + 1))
                 tracker.log_metrics(metrics, progress["step"])
-                _maybe_export(stage, model, config, loop_config["output"], tracker, progress, metrics)
-            save(metrics)
+                _maybe_export(stage, plain, config, loop_config["output"], tracker, progress, metrics)
+                del plain
+            save(metrics, full_state)
         failed = False
         return {"step": progress["step"], "epoch": progress["epoch"], "resumed_from": progress["resumed_from"],
                 "best": progress["best"], "mlflow_run_id": progress["mlflow_run_id"]}
@@ -289,9 +292,43 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         tracker.end(failed=failed)
 
 
+def wrap_model(model: nn.Module, strategy: str, fsdp_kwargs: dict[str, Any], device: torch.device) -> nn.Module:
+    """DDP through Ray's ``prepare_model``, or FSDP wrapped here.
+
+    Ray's FSDP path refuses to run without CUDA; torch's FSDP itself runs on CPU over gloo, which is how
+    the test suite exercises the sharded path (checkpoint gather, resume, validation) on this machine.
+    """
+    import ray.train.torch
+
+    if strategy != "fsdp":
+        return ray.train.torch.prepare_model(model, parallel_strategy=strategy)
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return FullyShardedDataParallel(model.to(device), device_id=device, **fsdp_kwargs)
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    return type(model).__name__ == "FullyShardedDataParallel"
+
+
+def _plain_model(stage: Stage, config: Any, model: nn.Module, model_state: dict[str, torch.Tensor],
+                 device: torch.device) -> nn.Module:
+    """Rank 0's model for validation and export: the unwrapped model, or an unsharded copy under FSDP.
+
+    An FSDP model cannot run a forward on one rank alone (every layer all-gathers its shards from all
+    ranks), so rank-0 validation works on a plain model built from the gathered full state instead.
+    """
+    if not is_fsdp(model):
+        return unwrap_model(model)
+    with torch.random.fork_rng(devices=[]):  # building must not move this rank's RNG (dropout, resume)
+        plain = stage.build_model(config)
+    plain.load_state_dict(model_state)
+    return plain.to(device)
+
+
 def _maybe_export(stage: Stage, model: nn.Module, config: Any, output: str, tracker: Tracker,
                   progress: dict[str, Any], metrics: dict[str, float]) -> None:
-    """Rank 0: export the model when it is the best so far (or, without a metric, at every epoch)."""
+    """Rank 0: export ``model`` (unwrapped) when it is the best so far (or, without a metric, every epoch)."""
     if stage.best_metric is not None:
         value = metrics.get(stage.best_metric)
         if value is None or (progress["best"] is not None and value <= progress["best"]):
@@ -300,7 +337,7 @@ def _maybe_export(stage: Stage, model: nn.Module, config: Any, output: str, trac
     metadata = {"stage": stage.name, "step": progress["step"], "epoch": progress["epoch"], "metrics": metrics,
                 "mlflow_run_id": progress["mlflow_run_id"], "config_hash": config_hash(config)}
     with tempfile.TemporaryDirectory() as tmp:
-        stage.export(unwrap_model(model), config, Path(tmp), metadata)
+        stage.export(model, config, Path(tmp), metadata)
         target = storage.join(output, f"{stage.name}_export")
         upload_dir(Path(tmp), target)
         tracker.log_artifact(tmp, f"{stage.name}_export")
@@ -308,11 +345,15 @@ def _maybe_export(stage: Stage, model: nn.Module, config: Any, output: str, trac
 
 
 def report_with_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                      progress: dict[str, Any], metrics: dict[str, float], rank: int) -> None:
-    """``ray.train.report`` on every rank (a barrier); rank 0 attaches the full training state."""
+                      progress: dict[str, Any], metrics: dict[str, float], rank: int,
+                      full_state: tuple[dict, dict] | None = None) -> None:
+    """``ray.train.report`` on every rank (a barrier); rank 0 attaches the full training state.
+
+    ``full_state``: the (model, optimiser) state ``_full_state`` already gathered, if any.
+    """
     import ray.train
 
-    model_state, optim_state = _full_state(model, optimizer)
+    model_state, optim_state = full_state if full_state is not None else _full_state(model, optimizer)
     if rank != 0:
         ray.train.report(metrics)
         return
@@ -324,11 +365,22 @@ def report_with_state(model: nn.Module, optimizer: torch.optim.Optimizer, schedu
 
 def _full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """Unsharded model and optimiser state on CPU (FSDP gathers on every rank: a collective)."""
-    if type(model).__name__ == "FullyShardedDataParallel":
+    if is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
+        # model keys are the plain model's names (no FSDP prefixes): the export and rank-0 copy load them
         return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return unwrap_model(model).state_dict(), optimizer.state_dict()
+
+
+def _load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, optim_state: dict) -> None:
+    """Restore what ``_full_state`` saved: FSDP re-shards the full optimiser state onto this rank."""
+    if is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(optim_state)
 
 
 def read_train_state(checkpoint: Any) -> dict[str, Any] | None:

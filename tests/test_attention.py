@@ -99,7 +99,7 @@ def test_kernel_choice_computes_the_same_function_with_gradients(num_tokens):
         actual = scaled_dot_product_attention(*low, mask)
     actual.float().square().sum().backward()
     torch.testing.assert_close(actual.float(), expected, atol=3e-2, rtol=3e-2)
-    for grad, ref in zip((t.grad.float() for t in low), expected_grads):
+    for grad, ref in zip((t.grad.float() for t in low), expected_grads, strict=True):
         assert (grad - ref).norm() / ref.norm() < 2e-2
 
 

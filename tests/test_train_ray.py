@@ -73,6 +73,38 @@ def test_two_worker_finetune_tracks_to_mlflow_and_rerun_resumes(tiny_shards, tmp
     assert again["mlflow_run_id"] == summary["mlflow_run_id"]
 
 
+def test_fsdp_two_workers_validates_exports_and_resumes_on_cpu(tiny_shards, tmp_path):
+    """The sharded path (ViTPose-H/G on GPUs) over gloo: rank-0 validation of the gathered model, the
+    export, and a resume that re-shards the saved full optimiser state."""
+    import torch
+
+    from pipelines.train import read_train_state
+
+    overrides = {"scaling.strategy": "fsdp", "schedule.epochs": 1, "eval.num_visualized": 0}
+    first = run_finetune(finetune_config(tiny_shards, tmp_path, **overrides), name="ft-fsdp")
+    summary = first.return_value
+    assert summary["epoch"] == 1 and summary["resumed_from"] == [] and "val_AP" in first.metrics
+
+    # the checkpoint holds the full (unsharded) state under the plain model's parameter names
+    state = read_train_state(first.checkpoint)
+    exported = load_model(tmp_path / "ft-fsdp" / "finetune_export")
+    assert set(state["model"]) == set(exported.state_dict())
+    for name, tensor in exported.state_dict().items():
+        torch.testing.assert_close(tensor, state["model"][name], msg=name)
+    # the sharded path ran: its gathered optimiser state is keyed by parameter name (DDP saves torch's
+    # index-keyed state), and holds AdamW moments of full, unsharded shape
+    optim_state = state["optimizer"]["state"]
+    assert all(isinstance(name, str) for name in optim_state)
+    pos_embed = optim_state["backbone.pos_embed"]["exp_avg"]
+    assert pos_embed.shape == exported.backbone.pos_embed.shape and pos_embed.abs().sum() > 0
+
+    # a longer schedule on the same run: resumes at the saved step and trains the second epoch
+    second = run_finetune(finetune_config(tiny_shards, tmp_path, **{**overrides, "schedule.epochs": 2}),
+                          name="ft-fsdp").return_value
+    assert second["resumed_from"] == [summary["step"]] and second["epoch"] == 2
+    assert second["step"] > summary["step"]
+
+
 def _pid_recording_train_fn(pid_dir: str):
     def train_fn(loop_config):
         import ray.train
