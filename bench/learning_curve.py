@@ -125,7 +125,8 @@ def pretrain(args: argparse.Namespace) -> None:
             print(payload["points"][-1], flush=True)
         if train_seconds > args.minutes * 60 or step >= args.steps:
             break
-    save_pretrained_encoder(mae, work / "mae_encoder", metadata={"steps": step, "loss": result.loss})
+    save_pretrained_encoder(mae, Path(args.encoder) if args.encoder else work / "mae_encoder",
+                            metadata={"steps": step, "loss": result.loss})
     payload["load_end"] = machine_load()
     record(args.name or "pretrain", payload)
 
@@ -135,7 +136,9 @@ def finetune(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     model = build_model("vitpose-tiny", img_size=INPUT_SIZE[::-1], drop_path_rate=args.drop_path)
     if args.init == "mae":
-        load_pretrained_encoder(model, work / "mae_encoder")
+        load_pretrained_encoder(model, Path(args.encoder) if args.encoder else work / "mae_encoder")
+    if args.freeze_backbone:  # a probe of the encoder's features: only the heatmap decoder learns
+        model.backbone.requires_grad_(False)
     optimizer = build_adamw(model, lr=args.lr, weight_decay=0.1, layer_decay=args.layer_decay)
     scheduler = build_scheduler(optimizer, total_steps=args.steps, warmup_steps=args.warmup, min_ratio=0.01)
     engine = EngineConfig(precision="bf16", max_grad_norm=1.0)
@@ -194,6 +197,11 @@ def main() -> None:
     parser.add_argument("--eval-every-steps", type=int, default=None,
                         help="evaluate every N steps instead (equal-step comparisons, e.g. MAE vs scratch)")
     parser.add_argument("--init", choices=["scratch", "mae"], default="scratch")
+    parser.add_argument("--freeze-backbone", action="store_true",
+                        help="train the decoder only: compares what MAE and random encoders provide")
+    parser.add_argument("--encoder", default=None,
+                        help="MAE encoder directory that pretrain writes and finetune --init mae reads (default: "
+                             "<work>/mae_encoder)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(2)
