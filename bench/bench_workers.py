@@ -4,8 +4,8 @@
 
 Runs the real finetune stage (`pipelines.finetune.run_finetune`: Ray Train, DDP over gloo, Ray Data
 shards) on synthetic shards, tiny preset at 128x96: one run with 1 worker, one with 2 workers
-(`data.batch_size` is the global batch, split evenly over the workers), and a second 1-worker run
-with another seed, which measures the run-to-run noise the 2-worker difference is judged against.
+(`data.batch_size` is the global batch, split evenly over the workers), for each seed of `--seeds`:
+the seed-to-seed spread is the run-to-run noise the 1-vs-2-worker difference is judged against.
 All runs take the same number of optimiser steps with the same schedule.
 
 Writes bench/results/workers.md (and .json): val AP per epoch and steps of each run, and wall time.
@@ -23,7 +23,6 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 RESULTS = Path(__file__).resolve().parent / "results"
-RUNS = [("1 worker, seed 0", 1, 0), ("2 workers, seed 0", 2, 0), ("1 worker, seed 1 (noise)", 1, 1)]
 
 
 def main() -> None:
@@ -34,7 +33,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=64, help="global batch")
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     args = parser.parse_args()
+    runs = [(f"{workers} worker{'s' * (workers > 1)}, seed {seed}", workers, seed)
+            for seed in args.seeds for workers in (1, 2)]
 
     from bench_distill import common_sections, curve, make_shards, open_workdir
 
@@ -46,8 +48,8 @@ def main() -> None:
         make_shards(workdir, args.train_images, args.val_images)
 
     rows = []
-    for name, workers, seed in RUNS:
-        slug = name.split(" (")[0].replace(", ", "_").replace(" ", "_")
+    for name, workers, seed in runs:
+        slug = name.replace(", ", "_").replace(" ", "_")
         sections = common_sections(args.epochs, tracking_uri, args.batch_size, args.lr, experiment="bench-workers")
         config = build_config(FinetuneConfig, {
             **sections, "model": {"variant": "vitpose-tiny", "input_size": [96, 128]},
@@ -63,7 +65,6 @@ def main() -> None:
 
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "workers.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
-    one, two, noise = rows
     lines = ["# 1 vs 2 Ray Train workers at the same global batch (synthetic data, CPU)", "",
              f"`bench/bench_workers.py` with {vars(args)}: vitpose-tiny at 128x96, DDP over gloo, "
              "the same schedule and number of optimiser steps in every run.", "",
@@ -71,8 +72,14 @@ def main() -> None:
     for row in rows:
         lines.append(f"| {row['run']} | {row['steps']} | {row['best_val_AP']:.4f} | {row['curve'][-1]:.4f} | "
                      f"{', '.join(f'{v:.3f}' for v in row['curve'])} | {row['seconds']:.0f} |")
-    lines += ["", f"2 workers - 1 worker (same seed): {two['curve'][-1] - one['curve'][-1]:+.4f} last-epoch AP; "
-              f"seed-to-seed noise with 1 worker: {noise['curve'][-1] - one['curve'][-1]:+.4f}."]
+    last = {(row["workers"], row["seed"]): row["curve"][-1] for row in rows}
+    lines.append("")
+    for seed in args.seeds:
+        lines.append(f"- seed {seed}: 2 workers - 1 worker = {last[2, seed] - last[1, seed]:+.4f} last-epoch AP")
+    for workers in (1, 2):
+        values = [last[workers, seed] for seed in args.seeds]
+        lines.append(f"- {workers} worker(s): mean {sum(values) / len(values):.4f}, seed-to-seed range "
+                     f"{max(values) - min(values):.4f}")
     (RESULTS / "workers.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
