@@ -105,6 +105,11 @@ def machine_load() -> dict:
     return {"loadavg": os.getloadavg(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
 
 
+def encoder_dir(args: argparse.Namespace) -> Path:
+    """Where pretrain writes the MAE encoder and finetune --init mae reads it."""
+    return Path(args.encoder) if args.encoder else Path(args.work) / "mae_encoder"
+
+
 def pretrain(args: argparse.Namespace) -> None:
     work = Path(args.work)
     torch.manual_seed(args.seed)
@@ -125,8 +130,7 @@ def pretrain(args: argparse.Namespace) -> None:
             print(payload["points"][-1], flush=True)
         if train_seconds > args.minutes * 60 or step >= args.steps:
             break
-    save_pretrained_encoder(mae, Path(args.encoder) if args.encoder else work / "mae_encoder",
-                            metadata={"steps": step, "loss": result.loss})
+    save_pretrained_encoder(mae, encoder_dir(args), metadata={"steps": step, "loss": result.loss})
     payload["load_end"] = machine_load()
     record(args.name or "pretrain", payload)
 
@@ -136,7 +140,7 @@ def finetune(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     model = build_model("vitpose-tiny", img_size=INPUT_SIZE[::-1], drop_path_rate=args.drop_path)
     if args.init == "mae":
-        load_pretrained_encoder(model, Path(args.encoder) if args.encoder else work / "mae_encoder")
+        load_pretrained_encoder(model, encoder_dir(args))
     if args.freeze_backbone:  # a probe of the encoder's features: only the heatmap decoder learns
         model.backbone.requires_grad_(False)
     optimizer = build_adamw(model, lr=args.lr, weight_decay=0.1, layer_decay=args.layer_decay)

@@ -222,7 +222,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     state = read_train_state(ray.train.get_checkpoint())
     if state is not None:
         model.load_state_dict(state["model"])
-    model = wrap_model(model, config.scaling.strategy, config.scaling.fsdp_kwargs(), device)
+    model = wrap_model(model, config.scaling, device)
     optimizer = build_adamw(model, config.optim.lr, config.optim.weight_decay, config.optim.layer_decay_for(config),
                             config.optim.betas, backbone_prefix=stage.backbone_prefix)
     scheduler = build_scheduler(optimizer, total_steps, config.schedule.warmup_steps, config.schedule.warmup_ratio,
@@ -292,7 +292,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         tracker.end(failed=failed)
 
 
-def wrap_model(model: nn.Module, strategy: str, fsdp_kwargs: dict[str, Any], device: torch.device) -> nn.Module:
+def wrap_model(model: nn.Module, scaling: ScalingSection, device: torch.device) -> nn.Module:
     """DDP through Ray's ``prepare_model``, or FSDP wrapped here.
 
     Ray's FSDP path refuses to run without CUDA; torch's FSDP itself runs on CPU over gloo, which is how
@@ -300,11 +300,11 @@ def wrap_model(model: nn.Module, strategy: str, fsdp_kwargs: dict[str, Any], dev
     """
     import ray.train.torch
 
-    if strategy != "fsdp":
-        return ray.train.torch.prepare_model(model, parallel_strategy=strategy)
+    if scaling.strategy != "fsdp":
+        return ray.train.torch.prepare_model(model, parallel_strategy=scaling.strategy)
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    return FullyShardedDataParallel(model.to(device), device_id=device, **fsdp_kwargs)
+    return FullyShardedDataParallel(model.to(device), device_id=device, **scaling.fsdp_kwargs())
 
 
 def is_fsdp(model: nn.Module) -> bool:
