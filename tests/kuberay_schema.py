@@ -1,17 +1,31 @@
-"""A strict structural schema for the KubeRay (ray.io/v1) manifests under infra/kuberay/.
+"""KubeRay's own CRD schemas (ray.io/v1, KubeRay 1.6.0) for the manifests under infra/kuberay/.
 
-KubeRay's CRD OpenAPI schemas are not installable from PyPI (they ship with the operator's Helm chart
-and are ~1 MB each, mostly the Kubernetes pod spec). This JSON Schema is our own, written from the
-field lists of the v1 RayCluster / RayJob / RayService CRDs: it covers every level our manifests use,
-rejects unknown keys on the Ray-specific objects (where a typo would silently do nothing, since the
-API server prunes unknown fields), and checks the types KubeRay is strict about (e.g. rayStartParams
-values must be strings). Pod templates are checked for the parts Ray needs (containers with name and
-image, env entries with value or valueFrom), not as a full Kubernetes PodSpec.
+The schemas come from KubeRay's CRDs (`ray-operator/config/crd/bases/ray.io_{rayclusters,rayjobs,
+rayservices}.yaml` at tag v1.6.0, the first release whose `authOptions` has `secretName`, i.e. the
+first one whose operator sends a token from our Secret to a token-protected dashboard). The CRD files
+are ~1.3 MB each, almost all of it the Kubernetes PodTemplateSpec repeated in every pod template; the
+stored copy (kuberay_crd_v1.6.0.json, regenerated with `python tests/kuberay_schema.py <crd dir>`) keeps
+every Ray-specific field with its types and enums and drops descriptions, `status`, CEL rules and the
+pod templates. Two changes make the validation stricter than the API server, on purpose:
+- every object with declared properties rejects unknown keys (the API server prunes them silently, so a
+  typo such as `authOption:` would simply do nothing on the cluster);
+- pod templates are checked with our own structural schema below (containers with name and image, env
+  entries with value or valueFrom), not as a full PodSpec.
 """
 
 from __future__ import annotations
 
+import copy
+import json
+import sys
+from pathlib import Path
 from typing import Any
+
+KUBERAY_VERSION = "1.6.0"
+KUBERAY_COMMIT = "3fe72c3c876d2a530b50870f14b76a8e94bb1f9b"  # tag v1.6.0 of github.com/ray-project/kuberay
+CRD_FILE = Path(__file__).with_name(f"kuberay_crd_v{KUBERAY_VERSION}.json")
+CRD_KINDS = {"rayclusters": "RayCluster", "rayjobs": "RayJob", "rayservices": "RayService"}
+POD_TEMPLATE_MARK = "x-vitpose-pod-template"  # where the stored schema dropped a PodTemplateSpec
 
 QUANTITY: dict[str, Any] = {"anyOf": [{"type": "string"}, {"type": "integer"}]}
 
@@ -44,88 +58,37 @@ POD_TEMPLATE: dict[str, Any] = {
     },
 }
 
-# KubeRay passes these to `ray start --<key>=<value>`: the CRD types them map[string]string.
-RAY_START_PARAMS: dict[str, Any] = {"type": "object", "additionalProperties": {"type": "string"}}
 
-AUTOSCALER_OPTIONS: dict[str, Any] = {
-    "type": "object", "additionalProperties": False,
-    "properties": {
-        "upscalingMode": {"enum": ["Default", "Aggressive", "Conservative"]},
-        "idleTimeoutSeconds": {"type": "integer", "minimum": 0},
-        "env": {"type": "array", "items": ENV_VAR},
-        "envFrom": {"type": "array"}, "image": {"type": "string"}, "imagePullPolicy": {"type": "string"},
-        "imagePullSecrets": {"type": "array"}, "resources": {"type": "object"},
-        "securityContext": {"type": "object"}, "volumeMounts": {"type": "array"}, "version": {"type": "string"},
-    },
-}
+def prune_crd(crd: dict[str, Any]) -> dict[str, Any]:
+    """The `spec` schema of a CRD's v1 version without descriptions, CEL rules and pod templates."""
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
 
-HEAD_GROUP: dict[str, Any] = {
-    "type": "object", "required": ["rayStartParams", "template"], "additionalProperties": False,
-    "properties": {
-        "rayStartParams": RAY_START_PARAMS, "template": POD_TEMPLATE, "serviceType": {"type": "string"},
-        "headService": {"type": "object"}, "enableIngress": {"type": "boolean"},
-    },
-}
+    def prune(node: Any) -> Any:
+        if isinstance(node, list):
+            return [prune(item) for item in node]
+        if not isinstance(node, dict):
+            return node
+        if "containers" in node.get("properties", {}).get("spec", {}).get("properties", {}):
+            return {POD_TEMPLATE_MARK: True}  # a PodTemplateSpec: `template`, `submitterPodTemplate`
+        return {key: prune(value) for key, value in node.items()
+                if key not in ("description", "x-kubernetes-validations")}
 
-WORKER_GROUP: dict[str, Any] = {
-    "type": "object", "required": ["groupName", "template"], "additionalProperties": False,
-    "properties": {
-        "groupName": {"type": "string", "minLength": 1},
-        "replicas": {"type": "integer", "minimum": 0},
-        "minReplicas": {"type": "integer", "minimum": 0},
-        "maxReplicas": {"type": "integer", "minimum": 0},
-        "numOfHosts": {"type": "integer", "minimum": 1},
-        "idleTimeoutSeconds": {"type": "integer", "minimum": 0},
-        "rayStartParams": RAY_START_PARAMS, "template": POD_TEMPLATE,
-        "scaleStrategy": {"type": "object"}, "suspend": {"type": "boolean"},
-    },
-}
+    return prune(version["schema"]["openAPIV3Schema"]["properties"]["spec"])
 
-RAY_CLUSTER_SPEC: dict[str, Any] = {
-    "type": "object", "required": ["headGroupSpec"], "additionalProperties": False,
-    "properties": {
-        "rayVersion": {"type": "string"},
-        "enableInTreeAutoscaling": {"type": "boolean"},
-        "autoscalerOptions": AUTOSCALER_OPTIONS,
-        "headGroupSpec": HEAD_GROUP,
-        "workerGroupSpecs": {"type": "array", "items": WORKER_GROUP},
-        "headServiceAnnotations": {"type": "object", "additionalProperties": {"type": "string"}},
-        "suspend": {"type": "boolean"}, "managedBy": {"type": "string"},
-        "gcsFaultToleranceOptions": {"type": "object"}, "authOptions": {"type": "object"},
-    },
-}
 
-RAY_JOB_SPEC: dict[str, Any] = {
-    "type": "object", "required": ["entrypoint"], "additionalProperties": False,
-    "properties": {
-        "entrypoint": {"type": "string", "minLength": 1},
-        "runtimeEnvYAML": {"type": "string"},
-        "entrypointNumCpus": {"type": "number"}, "entrypointNumGpus": {"type": "number"},
-        "entrypointResources": {"type": "string"},
-        "jobId": {"type": "string"}, "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
-        "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"]},
-        "submitterPodTemplate": POD_TEMPLATE, "submitterConfig": {"type": "object"},
-        "shutdownAfterJobFinishes": {"type": "boolean"},
-        "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0},
-        "activeDeadlineSeconds": {"type": "integer", "minimum": 1},
-        "backoffLimit": {"type": "integer", "minimum": 0},
-        "rayClusterSpec": RAY_CLUSTER_SPEC,
-        "clusterSelector": {"type": "object", "additionalProperties": {"type": "string"}},
-        "suspend": {"type": "boolean"}, "managedBy": {"type": "string"}, "deletionStrategy": {"type": "object"},
-    },
-    # a RayJob either brings its own cluster or names an existing one
-    "oneOf": [{"required": ["rayClusterSpec"]}, {"required": ["clusterSelector"]}],
-}
-
-RAY_SERVICE_SPEC: dict[str, Any] = {
-    "type": "object", "required": ["serveConfigV2", "rayClusterConfig"], "additionalProperties": False,
-    "properties": {
-        "serveConfigV2": {"type": "string", "minLength": 1},
-        "rayClusterConfig": RAY_CLUSTER_SPEC,
-        "serveService": {"type": "object"}, "upgradeStrategy": {"type": "object"},
-        "excludeHeadPodFromServeSvc": {"type": "boolean"},
-    },
-}
+def strict(schema: Any) -> Any:
+    """Reject unknown keys wherever the CRD declares properties; pod templates get POD_TEMPLATE."""
+    if isinstance(schema, list):
+        return [strict(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    if schema.get(POD_TEMPLATE_MARK):
+        return copy.deepcopy(POD_TEMPLATE)
+    out = {key: strict(value) for key, value in schema.items()}
+    if "properties" in out and "additionalProperties" not in out \
+            and not out.get("x-kubernetes-preserve-unknown-fields"):
+        out["additionalProperties"] = False
+    return out
 
 
 def manifest_schema(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -136,15 +99,33 @@ def manifest_schema(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
             "apiVersion": {"const": "ray.io/v1"},
             "kind": {"const": kind},
             "metadata": {"type": "object", "required": ["name"], "properties": {
-                # a DNS-1123 label: Services named after it must be valid
-                "name": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 63}}},
+                # a DNS-1123 label short enough for KubeRay's longest suffix: Services are named
+                # <name>-head-svc and <name>-serve-svc, 63 - len("-serve-svc") = 53 (utils/constant.go)
+                "name": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 53}}},
             "spec": spec,
         },
     }
 
 
-SCHEMAS: dict[str, dict[str, Any]] = {
-    "RayCluster": manifest_schema("RayCluster", RAY_CLUSTER_SPEC),
-    "RayJob": manifest_schema("RayJob", RAY_JOB_SPEC),
-    "RayService": manifest_schema("RayService", RAY_SERVICE_SPEC),
-}
+def load_schemas(crd_file: Path = CRD_FILE) -> dict[str, dict[str, Any]]:
+    stored = json.loads(crd_file.read_text())
+    return {kind: manifest_schema(kind, strict(stored["spec_schemas"][kind])) for kind in CRD_KINDS.values()}
+
+
+SCHEMAS: dict[str, dict[str, Any]] = load_schemas()
+
+
+def _regenerate(crd_dir: Path) -> None:
+    import yaml
+
+    spec_schemas = {kind: prune_crd(yaml.safe_load((crd_dir / f"ray.io_{plural}.yaml").read_text()))
+                    for plural, kind in CRD_KINDS.items()}
+    CRD_FILE.write_text(json.dumps({"kuberay_version": KUBERAY_VERSION, "kuberay_commit": KUBERAY_COMMIT,
+                                    "source": "ray-operator/config/crd/bases/ray.io_*.yaml",
+                                    "spec_schemas": spec_schemas}, indent=1, sort_keys=True) + "\n")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python tests/kuberay_schema.py <kuberay checkout>/ray-operator/config/crd/bases")
+    _regenerate(Path(sys.argv[1]))

@@ -3,9 +3,9 @@
 Each file is parsed, then validated with the strongest checker that installs here:
 - ray_cluster.yaml: Ray's own cluster-launcher JSON schema (`ray/autoscaler/ray-schema.json`), after
   filling defaults exactly as `ray up` does (`prepare_config` + `validate_config`);
-- KubeRay manifests: our strict structural schema (tests/kuberay_schema.py; the CRD schemas are not
-  pip-installable), the RayService's serveConfigV2 with Ray Serve's `ServeDeploySchema`, and its app
-  `args` with the project's strict `ServeConfig`;
+- KubeRay manifests: KubeRay 1.6.0's own CRD schemas, made strict about unknown keys
+  (tests/kuberay_schema.py), the RayService's serveConfigV2 with Ray Serve's `ServeDeploySchema`, and
+  its app `args` with the project's strict `ServeConfig`;
 - the Dockerfile: base image and Ray version against the installed Ray, COPY sources exist;
 - across files: one Ray version, one image, token auth set everywhere, entrypoints name real configs.
 """
@@ -22,12 +22,13 @@ import jsonschema
 import pytest
 import ray
 import yaml
-from kuberay_schema import SCHEMAS
+from kuberay_schema import KUBERAY_VERSION, SCHEMAS
 
 REPO = Path(__file__).resolve().parents[1]
 KUBERAY = REPO / "infra" / "kuberay"
 IMAGE_WORKDIR = "/home/ray/vitpose"  # WORKDIR of infra/docker/Dockerfile, where the project lives in the image
 MANIFESTS = {"raycluster.yaml": "RayCluster", "rayjob.yaml": "RayJob", "rayservice.yaml": "RayService"}
+AUTH_SECRET = "vitpose-ray-auth"  # the Secret docs/cluster.md tells the platform team to create
 
 
 def _load(path: Path) -> Any:
@@ -43,6 +44,12 @@ def _ray_containers(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     cluster = _cluster_spec(manifest)
     groups = [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]
     return [c for group in groups for c in group["template"]["spec"]["containers"]]
+
+
+def _all_containers(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """Ray containers plus the RayJob submitter's (KubeRay's token injection reaches all of them)."""
+    submitter = manifest["spec"].get("submitterPodTemplate", {}).get("spec", {}).get("containers", [])
+    return [*_ray_containers(manifest), *submitter]
 
 
 def _config_path_in_repo(command: str) -> Path:
@@ -119,10 +126,13 @@ def test_kuberay_manifest_structure(name: str) -> None:
     assert cluster["rayVersion"] == ray.__version__, "rayVersion must match the image's (and our) Ray"
     for group in cluster.get("workerGroupSpecs", []):
         assert group["minReplicas"] <= group.get("replicas", group["minReplicas"]) <= group["maxReplicas"], group
-    for container in _ray_containers(manifest):
-        env = {item["name"]: item for item in container.get("env", [])}
-        assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", f"{name}: {container['name']} lacks auth mode"
-        assert "secretKeyRef" in env.get("RAY_AUTH_TOKEN", {}).get("valueFrom", {}), "token must come from a Secret"
+    # token auth through authOptions (KubeRay >= 1.6): the only way the operator itself sends the token
+    assert cluster.get("authOptions") == {"mode": "token", "secretName": AUTH_SECRET}, f"{name}: authOptions"
+    for container in _all_containers(manifest):
+        # KubeRay injects RAY_AUTH_MODE/RAY_AUTH_TOKEN only where they are absent: a hand-written one (perhaps
+        # naming another Secret) would silently win over authOptions, so there is exactly one source
+        names = {item["name"] for item in container.get("env", [])}
+        assert not names & {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}, f"{name}: {container['name']} sets auth env by hand"
         resources = container.get("resources", {})
         gpus = resources.get("limits", {}).get("nvidia.com/gpu")
         assert gpus == resources.get("requests", {}).get("nvidia.com/gpu"), "GPU requests must equal limits"
@@ -155,3 +165,30 @@ def test_rayservice_serve_config_passes_serve_schema_and_serve_config() -> None:
     serve = load_serve_config(app.args)  # strict: an unknown or mistyped arg fails here
     assert serve.model.uri.endswith("@champion")
     assert serve.autoscaling.min_replicas >= 1, "GPU replicas should not scale to zero"
+
+
+def test_kuberay_minimum_version_is_stated_where_authoptions_needs_it() -> None:
+    major_minor = ".".join(KUBERAY_VERSION.split(".")[:2])
+    for name in MANIFESTS:
+        assert f"KubeRay >= {major_minor}" in (KUBERAY / name).read_text(), f"{name} does not state KubeRay >= {major_minor}"
+    assert f"KubeRay >= {major_minor}" in (REPO / "docs" / "cluster.md").read_text()
+
+
+@pytest.mark.parametrize("broken", [
+    {"authOption": {"mode": "token"}},               # a typo the API server would prune silently
+    {"authOptions": {"mode": "tokens"}},             # not in the CRD's enum
+    {"authOptions": {"mode": "token", "secret": AUTH_SECRET}},  # field name from no KubeRay version
+])
+def test_kuberay_schema_rejects_what_kuberay_would_ignore_or_refuse(broken: dict[str, Any]) -> None:
+    manifest = _load(KUBERAY / "raycluster.yaml")
+    manifest["spec"].pop("authOptions")
+    manifest["spec"].update(broken)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(manifest, SCHEMAS["RayCluster"])
+
+
+def test_docs_name_the_serve_service_as_kuberay_does() -> None:
+    name = _load(KUBERAY / "rayservice.yaml")["metadata"]["name"]
+    docs = (REPO / "docs" / "cluster.md").read_text()
+    assert f"svc/{name}-serve-svc" in docs  # KubeRay: <RayService name>-serve-svc (GenerateServeServiceName)
+    assert "svc/vitpose-serve-svc" not in docs
