@@ -47,6 +47,48 @@ class PatchEmbed(nn.Module):
         return x.flatten(2).transpose(1, 2), grid_size  # (B, C, Hp, Wp) -> (B, Hp*Wp, C)
 
 
+class MoEMlp(nn.Module):
+    """ViTPose++'s FFN: a shared part and a dataset-specific expert part (Xu et al., 2023, ViTPose++).
+
+    fc1 (C -> D) and GELU are shared; the output channels are split: ``fc2`` (D -> C - P) is shared
+    and each of the ``num_experts`` linears in ``experts`` (D -> P) serves one dataset; a token's
+    output is ``cat(fc2(h), experts[e](h))`` with e its sample's expert. Parameter names and the
+    split are the official ViTPose+ ones (``mlp.fc2``, ``mlp.experts.N``), so official and
+    transformers ViTPose+ weights map 1:1, and ``cat(fc2, experts[e])`` along the output rows is
+    the plain FFN of dataset e (what the official model_split does).
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, num_experts: int, part_features: int) -> None:
+        super().__init__()
+        if not 0 < part_features < dim:
+            raise ValueError(f"part_features must be in 1..{dim - 1}, got {part_features}")
+        self.part_features = part_features
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim - part_features)
+        self.experts = nn.ModuleList(nn.Linear(hidden_dim, part_features) for _ in range(num_experts))
+
+    def forward(self, x: torch.Tensor, expert_index: torch.Tensor | int | None) -> torch.Tensor:
+        """x (B, N, C); expert_index: an int for the whole batch or a (B,) tensor, one per sample."""
+        if expert_index is None:
+            raise ValueError("a ViTPose++ (MoE) model needs a dataset index: its FFNs have one expert per dataset")
+        hidden = self.act(self.fc1(x))
+        shared = self.fc2(hidden)
+        if isinstance(expert_index, int):
+            if not 0 <= expert_index < len(self.experts):
+                raise ValueError(f"dataset index {expert_index} outside the {len(self.experts)} experts")
+            if not (self.training and torch.is_grad_enabled()):
+                return torch.cat([shared, self.experts[expert_index](hidden)], dim=-1)
+            expert_index = torch.full((x.shape[0],), expert_index, device=x.device)
+        # Every expert runs on the whole batch and is masked to its samples: all experts take part
+        # in every step's graph (DDP requires it) and the graph is the same for any index mix.
+        selector = expert_index.to(x.device).view(-1, 1, 1)  # (B,) -> (B, 1, 1) broadcast over tokens
+        expert_out = shared.new_zeros(*shared.shape[:-1], self.part_features)
+        for index, expert in enumerate(self.experts):
+            expert_out = expert_out + expert(hidden) * (selector == index)
+        return torch.cat([shared, expert_out], dim=-1)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
 
@@ -60,18 +102,28 @@ class Block(nn.Module):
         attn_type: AttentionType = "full",
         window_size: int = 8,
         shift: bool = False,
+        num_experts: int = 0,
+        part_features: int = 0,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, qkv_bias, attn_type, window_size, shift)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        # timm's Mlp is fc1 -> GELU (exact, approximate="none") -> fc2, the official layout
-        self.mlp = Mlp(in_features=dim, hidden_features=mlp_hidden_dim, act_layer=nn.GELU)
+        self.mlp: nn.Module
+        if num_experts:
+            self.mlp = MoEMlp(dim, mlp_hidden_dim, num_experts, part_features)
+        else:
+            # timm's Mlp is fc1 -> GELU (exact, approximate="none") -> fc2, the official layout
+            self.mlp = Mlp(in_features=dim, hidden_features=mlp_hidden_dim, act_layer=nn.GELU)
 
-    def forward(self, x: torch.Tensor, grid_size: tuple[int, int], num_extra_tokens: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grid_size: tuple[int, int], num_extra_tokens: int = 0,
+                expert_index: torch.Tensor | int | None = None) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x), grid_size, num_extra_tokens))
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        if isinstance(self.mlp, MoEMlp):
+            x = x + self.drop_path(self.mlp(self.norm2(x), expert_index))
+        else:
+            x = x + self.drop_path(self.mlp(self.norm2(x)))
         return x
 
 
@@ -93,6 +145,8 @@ class ViT(nn.Module):
         window_size: int = 8,
         full_attention_blocks: tuple[int, ...] = (),
         grad_checkpointing: bool = False,
+        num_experts: int = 0,
+        part_features: int = 0,
     ) -> None:
         super().__init__()
         self.embed_dim = embed_dim
@@ -113,6 +167,8 @@ class ViT(nn.Module):
                 "full" if i in full_attention_blocks else attn_type,
                 window_size,
                 shift=(i % 2 == 1),
+                num_experts=num_experts,
+                part_features=part_features,
             )
             for i in range(depth)
         )
@@ -146,12 +202,14 @@ class ViT(nn.Module):
         return tokens + self.position_embedding(grid_size), grid_size
 
     def forward_tokens(
-        self, tokens: torch.Tensor, grid_size: tuple[int, int], extra_tokens: torch.Tensor | None = None
+        self, tokens: torch.Tensor, grid_size: tuple[int, int], extra_tokens: torch.Tensor | None = None,
+        expert_index: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
         """Run the blocks and the final norm on (B, N, C) tokens.
 
         ``extra_tokens`` (B, E, C) -- e.g. ViTPose's knowledge token -- are appended after the patch
-        tokens, take part in (full) attention, and are dropped from the output.
+        tokens, take part in (full) attention, and are dropped from the output. ``expert_index``
+        (an int, or one per sample) picks the dataset expert of MoE FFNs; plain FFNs ignore it.
         """
         num_extra = 0
         if extra_tokens is not None:
@@ -159,15 +217,16 @@ class ViT(nn.Module):
             tokens = torch.cat([tokens, extra_tokens.to(tokens.dtype)], dim=1)
         for block in self.blocks:
             if self.grad_checkpointing and self.training:
-                tokens = checkpoint(block, tokens, grid_size, num_extra, use_reentrant=False)
+                tokens = checkpoint(block, tokens, grid_size, num_extra, expert_index, use_reentrant=False)
             else:
-                tokens = block(tokens, grid_size, num_extra)
+                tokens = block(tokens, grid_size, num_extra, expert_index)
         tokens = self.last_norm(tokens)
         return tokens[:, : tokens.shape[1] - num_extra]
 
-    def forward(self, x: torch.Tensor, extra_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, extra_tokens: torch.Tensor | None = None,
+                expert_index: torch.Tensor | int | None = None) -> torch.Tensor:
         tokens, (grid_h, grid_w) = self.embed(x)
-        tokens = self.forward_tokens(tokens, (grid_h, grid_w), extra_tokens)
+        tokens = self.forward_tokens(tokens, (grid_h, grid_w), extra_tokens, expert_index)
         batch, _, channels = tokens.shape
         # (B, Hp*Wp, C) -> (B, C, Hp, Wp), row-major as the official reshape
         return tokens.transpose(1, 2).reshape(batch, channels, grid_h, grid_w)

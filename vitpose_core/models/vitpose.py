@@ -14,7 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
-from vitpose_core.keypoints import KEYPOINT_SETS
+from vitpose_core.keypoints import KEYPOINT_SETS, KeypointSet, KeypointSetError, KeypointSetRecord
 from vitpose_core.models.attention import ATTENTION_TYPES, AttentionType
 from vitpose_core.models.heads import ClassicDecoder, SimpleDecoder
 from vitpose_core.models.vit import ViT, token_grid_size
@@ -53,8 +53,104 @@ VARIANTS: dict[str, VariantSpec] = {
 }
 
 
+def resolve_config_keypoint_set(name: str, record: KeypointSetRecord | None) -> KeypointSet:
+    """The set a config names: ``record`` when given (a custom set), else the built-in ``name``.
+
+    A record that uses a built-in set's name with other keypoints is an error: a 17-keypoint animal
+    set must not pass for COCO.
+    """
+    if record is None:
+        if name not in KEYPOINT_SETS:
+            raise ValueError(f"unknown keypoint_set {name!r} and no 'keypoints' record of it; built in: "
+                             f"{sorted(KEYPOINT_SETS)}")
+        return KEYPOINT_SETS[name]
+    if record.name != name:
+        raise ValueError(f"keypoints record is named {record.name!r} but keypoint_set is {name!r}")
+    try:
+        keypoint_set = record.to_set()
+    except KeypointSetError as error:
+        raise ValueError(str(error)) from None
+    builtin = KEYPOINT_SETS.get(name)
+    if builtin is not None and not builtin.same_layout(keypoint_set):
+        raise ValueError(f"keypoint set {name!r} differs from the built-in set of that name; give it another name")
+    return keypoint_set
+
+
+def _keypoint_fields(value: Any) -> dict[str, Any]:
+    """A KeypointSet given where a name is expected -> {keypoint_set, keypoints (None if built in)}."""
+    if isinstance(value, KeypointSet):
+        builtin = KEYPOINT_SETS.get(value.name)
+        record = None if builtin is not None and builtin.same_layout(value) else KeypointSetRecord.of(value)
+        return {"keypoint_set": value.name, "keypoints": record}
+    return {"keypoint_set": value}
+
+
+def _normalise_record(fields: dict[str, Any]) -> None:
+    """Drop a ``keypoints`` record that equals the built-in set of its name (configs then compare equal)."""
+    record = fields.get("keypoints")
+    if record is None:
+        return
+    if isinstance(record, KeypointSet):
+        record = KeypointSetRecord.of(record)
+    elif isinstance(record, dict):
+        record = KeypointSetRecord.model_validate(record)
+    builtin = KEYPOINT_SETS.get(record.name)
+    if builtin is not None and builtin.same_layout(record.to_set()):
+        record = None
+    fields["keypoints"] = record
+    if "keypoint_set" not in fields and record is not None:
+        fields["keypoint_set"] = record.name
+
+
+class DatasetHead(BaseModel):
+    """One dataset of a multi-dataset (ViTPose+) model: its name and keypoint set; it gets its own decoder."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    keypoint_set: str
+    num_keypoints: int = Field(ge=1)
+    keypoints: KeypointSetRecord | None = None  # the full set when it is not a built-in one
+
+    @model_validator(mode="before")
+    @classmethod
+    def _accept_sets(cls, data: Any) -> Any:
+        if isinstance(data, tuple | list) and len(data) == 2:  # ("aic", AIC) or ("aic", "aic")
+            data = {"name": data[0], "keypoint_set": data[1]}
+        if isinstance(data, dict):
+            data = dict(data)
+            if isinstance(data.get("keypoint_set"), KeypointSet):
+                data.update(_keypoint_fields(data["keypoint_set"]))
+            _normalise_record(data)
+            data.setdefault("keypoint_set", data.get("name"))
+            if "num_keypoints" not in data:
+                record = data.get("keypoints")
+                keypoint_set = resolve_config_keypoint_set(data["keypoint_set"], record)
+                data["num_keypoints"] = keypoint_set.num_keypoints
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> DatasetHead:
+        keypoint_set = resolve_config_keypoint_set(self.keypoint_set, self.keypoints)
+        if keypoint_set.num_keypoints != self.num_keypoints:
+            raise ValueError(f"dataset {self.name!r}: num_keypoints {self.num_keypoints} does not match keypoint set "
+                             f"{self.keypoint_set!r} ({keypoint_set.num_keypoints})")
+        return self
+
+    @property
+    def keypoint_set_data(self) -> KeypointSet:
+        return resolve_config_keypoint_set(self.keypoint_set, self.keypoints)
+
+
 class ViTPoseConfig(BaseModel):
-    """Everything needed to rebuild a ViTPose model; stored as JSON beside its weights."""
+    """Everything needed to rebuild a ViTPose model; stored as JSON beside its weights.
+
+    Keypoints: ``keypoint_set`` names the set of the (first) decoder; a set that is not built in
+    travels in full in ``keypoints``. Multi-dataset (ViTPose+): ``datasets`` lists one decoder per
+    dataset (the first is ``keypoint_head`` and must match ``keypoint_set``, the others are
+    ``associate_keypoint_heads.{i-1}``, the official layout); ``num_experts`` > 0 makes every FFN a
+    ViTPose++ MoE FFN whose last ``part_features`` output channels are per dataset.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -75,7 +171,30 @@ class ViTPoseConfig(BaseModel):
     decoder_channels: int = 256
     num_keypoints: int = Field(17, ge=1)
     keypoint_set: str = "coco"
+    keypoints: KeypointSetRecord | None = None  # the full set when keypoint_set is not a built-in one
     grad_checkpointing: bool = False
+    datasets: tuple[DatasetHead, ...] = ()  # () = one dataset, one decoder
+    num_experts: int = Field(0, ge=0)  # 0 = plain FFN; else ViTPose++ MoE FFN with this many experts
+    part_features: int = Field(0, ge=0)  # MoE: output channels per expert
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_keypoint_fields(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if isinstance(data.get("keypoint_set"), KeypointSet):
+            data.update(_keypoint_fields(data["keypoint_set"]))
+        _normalise_record(data)
+        datasets = data.get("datasets")
+        if datasets:
+            first = DatasetHead.model_validate(datasets[0])
+            data.setdefault("keypoint_set", first.keypoint_set)
+            data.setdefault("keypoints", first.keypoints)
+            data.setdefault("num_keypoints", first.num_keypoints)
+        if "num_keypoints" not in data and "keypoint_set" in data:
+            data["num_keypoints"] = resolve_config_keypoint_set(data["keypoint_set"], data.get("keypoints")).num_keypoints
+        return data
 
     @field_validator("img_size")
     @classmethod
@@ -84,26 +203,66 @@ class ViTPoseConfig(BaseModel):
             raise ValueError(f"img_size {value} is too small (each side must be >= 32)")
         return value
 
-    @field_validator("keypoint_set")
-    @classmethod
-    def _check_keypoint_set(cls, value: str) -> str:
-        if value not in KEYPOINT_SETS:
-            raise ValueError(f"unknown keypoint_set {value!r}; known: {sorted(KEYPOINT_SETS)}")
-        return value
-
     @model_validator(mode="after")
     def _check_consistency(self) -> ViTPoseConfig:
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
-        expected = KEYPOINT_SETS[self.keypoint_set].num_keypoints
+        expected = resolve_config_keypoint_set(self.keypoint_set, self.keypoints).num_keypoints
         if self.num_keypoints != expected:
             raise ValueError(
                 f"num_keypoints {self.num_keypoints} does not match keypoint_set {self.keypoint_set!r} ({expected})"
             )
+        if self.datasets:
+            first = self.datasets[0]
+            if (first.keypoint_set, first.keypoints, first.num_keypoints) != (
+                    self.keypoint_set, self.keypoints, self.num_keypoints):
+                raise ValueError(f"datasets[0] ({first.name!r}, {first.keypoint_set!r}) must be the model's own "
+                                 f"keypoint set {self.keypoint_set!r}")
+            names = [d.name for d in self.datasets]
+            if len(set(names)) != len(names):
+                raise ValueError(f"dataset names must be unique, got {names}")
+        if self.num_experts:
+            if not 0 < self.part_features < self.embed_dim:
+                raise ValueError(f"part_features must be in 1..{self.embed_dim - 1} with num_experts > 0, "
+                                 f"got {self.part_features}")
+            if len(self.datasets) > self.num_experts:
+                raise ValueError(f"{len(self.datasets)} datasets need at least as many experts, got {self.num_experts}")
+        elif self.part_features:
+            raise ValueError("part_features is set but num_experts is 0 (no MoE)")
         bad_blocks = [i for i in self.full_attention_blocks if not 0 <= i < self.depth]
         if bad_blocks:
             raise ValueError(f"full_attention_blocks {bad_blocks} outside 0..{self.depth - 1}")
         return self
+
+    @property
+    def keypoint_set_data(self) -> KeypointSet:
+        """The full keypoint set of the (first) decoder."""
+        return resolve_config_keypoint_set(self.keypoint_set, self.keypoints)
+
+    @property
+    def num_datasets(self) -> int:
+        """Decoders: 1 for a single-dataset model (a single-decoder MoE model still picks experts by index)."""
+        return max(1, len(self.datasets))
+
+    @property
+    def dataset_names(self) -> list[str]:
+        return [d.name for d in self.datasets] if self.datasets else [self.keypoint_set]
+
+    def dataset_keypoint_sets(self) -> list[KeypointSet]:
+        """The keypoint set of every decoder, in dataset-index order."""
+        return [d.keypoint_set_data for d in self.datasets] if self.datasets else [self.keypoint_set_data]
+
+    def dataset_index(self, dataset: int | str) -> int:
+        """A dataset's index from its name (or index, checked)."""
+        names = self.dataset_names
+        if isinstance(dataset, str):
+            if dataset not in names:
+                raise ValueError(f"unknown dataset {dataset!r}; this model has {names}")
+            return names.index(dataset)
+        limit = max(len(names), self.num_experts)
+        if not 0 <= dataset < limit:
+            raise ValueError(f"dataset index {dataset} outside 0..{limit - 1} ({names})")
+        return dataset
 
     @property
     def heatmap_size(self) -> tuple[int, int]:
@@ -113,7 +272,13 @@ class ViTPoseConfig(BaseModel):
 
 
 class ViTPose(nn.Module):
-    """Normalised image (B, 3, H, W) -> keypoint heatmaps (B, K, H/4, W/4)."""
+    """Normalised image (B, 3, H, W) -> keypoint heatmaps (B, K, H/4, W/4).
+
+    Multi-dataset models share the backbone and have one decoder per dataset: ``keypoint_head`` for
+    dataset 0 and ``associate_keypoint_heads[i - 1]`` for dataset i (the official ViTPose+ names).
+    ``dataset_index`` (an int or one per sample) picks the decoder and, with MoE FFNs, the expert.
+    A single-decoder MoE model (transformers' ViTPose+ layout) uses the index for the expert only.
+    """
 
     def __init__(self, config: ViTPoseConfig) -> None:
         super().__init__()
@@ -132,15 +297,102 @@ class ViTPose(nn.Module):
             window_size=config.window_size,
             full_attention_blocks=config.full_attention_blocks,
             grad_checkpointing=config.grad_checkpointing,
+            num_experts=config.num_experts,
+            part_features=config.part_features,
         )
-        if config.decoder == "classic":
-            self.keypoint_head: nn.Module = ClassicDecoder(config.embed_dim, config.num_keypoints,
-                                                           config.decoder_channels)
-        else:
-            self.keypoint_head = SimpleDecoder(config.embed_dim, config.num_keypoints)
+        self.keypoint_head = self._decoder(config.num_keypoints)
+        if len(config.datasets) > 1:
+            self.associate_keypoint_heads = nn.ModuleList(self._decoder(d.num_keypoints) for d in config.datasets[1:])
 
-    def forward(self, images: torch.Tensor, extra_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        return self.keypoint_head(self.backbone(images, extra_tokens))
+    def _decoder(self, num_keypoints: int) -> nn.Module:
+        if self.config.decoder == "classic":
+            return ClassicDecoder(self.config.embed_dim, num_keypoints, self.config.decoder_channels)
+        return SimpleDecoder(self.config.embed_dim, num_keypoints)
+
+    @property
+    def heads(self) -> list[nn.Module]:
+        """The decoders in dataset-index order."""
+        extra = list(self.associate_keypoint_heads) if hasattr(self, "associate_keypoint_heads") else []
+        return [self.keypoint_head, *extra]
+
+    def _expert_index(self, dataset_index: torch.Tensor | int | None) -> torch.Tensor | int | None:
+        if not self.config.num_experts:
+            return None
+        index = 0 if dataset_index is None else dataset_index
+        limit = self.config.num_experts
+        if isinstance(index, int):
+            self.config.dataset_index(index)
+        elif index.numel() and (int(index.min()) < 0 or int(index.max()) >= limit):
+            raise ValueError(f"dataset indices must lie in 0..{limit - 1}, got {index.unique().tolist()}")
+        return index
+
+    def forward(self, images: torch.Tensor, extra_tokens: torch.Tensor | None = None,
+                dataset_index: torch.Tensor | int | None = None) -> torch.Tensor:
+        """Heatmaps of one dataset's decoder (``dataset_index``: int or (B,) all equal; None = 0)."""
+        head_index = 0
+        if dataset_index is not None and len(self.heads) > 1:
+            if isinstance(dataset_index, int):
+                head_index = self.config.dataset_index(dataset_index)
+            else:
+                values = dataset_index.unique()
+                if values.numel() > 1:
+                    raise ValueError("samples of several datasets in one batch give heatmaps with different keypoint "
+                                     "counts; use forward_datasets")
+                head_index = self.config.dataset_index(int(values[0])) if values.numel() else 0
+        features = self.backbone(images, extra_tokens, self._expert_index(dataset_index))
+        return self.heads[head_index](features)
+
+    def forward_datasets(self, images: torch.Tensor, dataset_index: torch.Tensor,
+                         extra_tokens: torch.Tensor | None = None) -> list[torch.Tensor | None]:
+        """One backbone pass over a mixed batch; entry d holds decoder d's heatmaps for the samples of
+        dataset d (in batch order, ``(dataset_index == d).sum()`` rows), or None if it has none."""
+        if dataset_index.shape != images.shape[:1]:
+            raise ValueError(f"dataset_index must be ({images.shape[0]},), got {tuple(dataset_index.shape)}")
+        heads = self.heads
+        if dataset_index.numel() and (int(dataset_index.min()) < 0 or int(dataset_index.max()) >= len(heads)):
+            raise ValueError(f"dataset indices must lie in 0..{len(heads) - 1}, got {dataset_index.unique().tolist()}")
+        features = self.backbone(images, extra_tokens, self._expert_index(dataset_index))
+        outputs: list[torch.Tensor | None] = []
+        for index, head in enumerate(heads):
+            selected = dataset_index == index
+            outputs.append(head(features[selected]) if bool(selected.any()) else None)
+        return outputs
+
+
+def split_dataset_model(model: ViTPose, dataset: int | str) -> ViTPose:
+    """A single-dataset model of one dataset of a multi-dataset / MoE model (the official model_split).
+
+    The backbone is copied with each MoE FFN folded into a plain one (``fc2`` rows followed by the
+    dataset's expert rows: the same function for that dataset), and the dataset's decoder becomes
+    ``keypoint_head``. Heatmaps equal the source model's for that dataset index.
+    """
+    config = model.config
+    index = config.dataset_index(dataset)
+    datasets = config.datasets
+    head_config = datasets[index] if datasets else None
+    fields = config.model_dump(exclude={"datasets", "num_experts", "part_features", "keypoint_set", "keypoints",
+                                        "num_keypoints"})
+    if head_config is not None:
+        fields.update(keypoint_set=head_config.keypoint_set, keypoints=head_config.keypoints,
+                      num_keypoints=head_config.num_keypoints)
+    else:
+        fields.update(keypoint_set=config.keypoint_set, keypoints=config.keypoints, num_keypoints=config.num_keypoints)
+    single = ViTPose(ViTPoseConfig(**fields))
+    state = {}
+    source = model.state_dict()
+    head_prefix = "keypoint_head." if index == 0 or not datasets else f"associate_keypoint_heads.{index - 1}."
+    for key, value in source.items():
+        if key.startswith(head_prefix):
+            state["keypoint_head." + key[len(head_prefix):]] = value
+        elif key.startswith(("keypoint_head.", "associate_keypoint_heads.")) or ".mlp.experts." in key:
+            continue
+        elif config.num_experts and ".mlp.fc2." in key:
+            expert_key = key.replace(".mlp.fc2.", f".mlp.experts.{index}.")
+            state[key] = torch.cat([value, source[expert_key]], dim=0)  # (C - P) rows + P expert rows
+        else:
+            state[key] = value
+    single.load_state_dict(state, strict=True)
+    return single.train(model.training)
 
 
 def variant_config(variant: str, **overrides: Any) -> ViTPoseConfig:
@@ -157,8 +409,6 @@ def variant_config(variant: str, **overrides: Any) -> ViTPoseConfig:
         "mlp_hidden_dim": spec.mlp_hidden_dim,
         "decoder_channels": spec.decoder_channels,
     }
-    if "keypoint_set" in overrides and "num_keypoints" not in overrides:
-        overrides["num_keypoints"] = KEYPOINT_SETS[overrides["keypoint_set"]].num_keypoints
     fields.update(overrides)
     return ViTPoseConfig(**fields)
 
@@ -183,6 +433,8 @@ def count_parameters(model: nn.Module) -> int:
 
 __all__ = [
     "ATTENTION_TYPES",
+    "DatasetHead",
+    "split_dataset_model",
     "VARIANTS",
     "ViTPose",
     "ViTPoseConfig",
