@@ -58,12 +58,35 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as error:
-        # user errors (bad config, missing file, bad checkpoint) print one clear line, not a traceback
-        if args.verbose:
+    except Exception as error:
+        # user errors (bad config, file, checkpoint, URI, device, server) print one clear line and exit 2;
+        # anything else is a bug and keeps its traceback. -v shows the traceback of user errors too.
+        message = user_error_message(error)
+        if message is None or args.verbose:
             raise
-        print(f"vitpose {args.command}: error: {error}", file=sys.stderr)
+        print(f"vitpose {args.command}: error: {message}", file=sys.stderr)
         return 2
+
+
+def user_error_message(error: BaseException) -> str | None:
+    """One line describing a user error, or None for a bug.
+
+    User errors are `UserError`s (also found inside Ray's task-error wrappers), the ValueErrors the
+    stages raise on bad input (configs, checkpoints, argument checks) and OSErrors (files, network:
+    requests' connection errors are OSErrors too).
+    """
+    from vitpose_core.errors import find_user_error
+
+    found = find_user_error(error)
+    if found is not None:
+        error = found
+    elif not isinstance(error, ValueError | OSError):
+        return None
+    message = str(error).strip() or type(error).__name__
+    filename = getattr(error, "filename", None)
+    if isinstance(error, OSError) and filename and str(filename) not in message:
+        message = f"{filename}: {message}"
+    return message
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from vitpose_core.errors import InvalidInputError
+
 ConfigT = TypeVar("ConfigT", bound="StrictConfig")
 
 
@@ -20,7 +22,7 @@ class StrictConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
 
-class ConfigError(ValueError):
+class ConfigError(InvalidInputError):
     """A config file or override does not fit its schema; the message names every bad key."""
 
 
@@ -32,7 +34,12 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     path = [part for part in key.strip().split(".") if part]
     if not path:
         raise ConfigError(f"override {item!r} has an empty key")
-    return path, yaml.safe_load(raw) if raw.strip() else ""
+    if not raw.strip():
+        return path, ""
+    try:
+        return path, strict_yaml_load(raw)
+    except (yaml.YAMLError, ConfigError) as error:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML: {_yaml_problem(error)}") from None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
@@ -79,14 +86,86 @@ def build_config(cls: type[ConfigT], data: dict[str, Any] | None = None, overrid
         raise ConfigError(format_validation_error(cls, error, source)) from None
 
 
+# A config is a few hundred nodes. Aliases may share a node many times over (a 564-byte "billion laughs"
+# file expands to 10^9), and every later deep copy, validation or dump walks the expansion, so the
+# expanded size is counted on the node graph (memoised, cheap) and bounded before anything is built.
+MAX_YAML_EXPANDED_NODES = 100_000
+
+
+class _StrictYAMLLoader(yaml.SafeLoader):
+    """SafeLoader whose documents are checked (duplicate keys, alias expansion) before construction."""
+
+
+def _yaml_problem(error: Exception) -> str:
+    """One line from a (multi-line) PyYAML error: the problem and its line/column."""
+    if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
+        mark = error.problem_mark
+        return f"line {mark.line + 1}, column {mark.column + 1}: {error.problem or error.context}"
+    return " ".join(str(error).split())
+
+
+def _check_yaml_node(root: yaml.Node) -> None:
+    """Duplicate mapping keys and alias expansion (size, recursion) of a composed YAML graph."""
+    expanded: dict[int, int] = {}  # id(node) -> nodes it expands to
+    in_progress: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in expanded:
+            return expanded[id(node)]
+        if id(node) in in_progress:
+            raise ConfigError(f"line {node.start_mark.line + 1}: a recursive alias (a node containing itself)")
+        in_progress.add(id(node))
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    if key.value in seen:
+                        raise ConfigError(f"duplicate key {key.value!r} at line {key.start_mark.line + 1} "
+                                          f"(first at line {seen[key.value]})")
+                    seen[key.value] = key.start_mark.line + 1
+                total += size(key) + size(value)
+        elif isinstance(node, yaml.SequenceNode):
+            total += sum(size(item) for item in node.value)
+        in_progress.discard(id(node))
+        expanded[id(node)] = total
+        if total > MAX_YAML_EXPANDED_NODES:
+            raise ConfigError(f"aliases expand to more than {MAX_YAML_EXPANDED_NODES} nodes "
+                              f"(line {node.start_mark.line + 1}); write the values out instead")
+        return total
+
+    size(root)
+
+
+def strict_yaml_load(text: str) -> Any:
+    """`yaml.safe_load` that refuses duplicate keys, recursive aliases and alias bombs (ConfigError)."""
+    loader = _StrictYAMLLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_yaml_node(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory, expected a YAML file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = strict_yaml_load(path.read_bytes().decode("utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {error.start})") from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(error)}") from None
+    except ConfigError as error:
+        raise ConfigError(f"config file {path}: {error}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     return data
