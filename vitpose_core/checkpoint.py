@@ -25,6 +25,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
+from vitpose_core.errors import InvalidInputError
 from vitpose_core.models.vitpose import VARIANTS, ViTPose, ViTPoseConfig, build_model_from_config
 
 logger = logging.getLogger(__name__)
@@ -35,8 +36,8 @@ FORMAT_VERSION = 1
 SKIPPED_OFFICIAL_PREFIXES = ("backbone.cls_token", "associate_keypoint_heads.")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint does not fit the model; the message names the offending keys."""
+class CheckpointError(InvalidInputError):
+    """A checkpoint is unreadable or does not fit the model; the message names the file or the offending keys."""
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -82,13 +83,38 @@ def read_checkpoint_config(path: str | Path) -> tuple[ViTPoseConfig | None, dict
         return None, {}
     weights, config_file = own
     if config_file is not None:
-        record = json.loads(config_file.read_text())
-        return ViTPoseConfig(**record["model"]), record.get("metadata", {})
-    with safe_open(str(weights), framework="pt") as handle:
-        meta = handle.metadata() or {}
+        return _read_config_json(config_file)
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            meta = handle.metadata() or {}
+    except Exception as error:  # safetensors' SafetensorError (truncated or not safetensors), OSError
+        raise CheckpointError(f"cannot read {weights} as safetensors: {_one_line(error)}") from None
     if "vitpose_config" not in meta:
         raise CheckpointError(f"{weights} has no config.json beside it and no vitpose_config metadata")
-    return ViTPoseConfig(**json.loads(meta["vitpose_config"])), {}
+    try:
+        return ViTPoseConfig(**json.loads(meta["vitpose_config"])), {}
+    except (ValueError, TypeError) as error:  # JSONDecodeError and pydantic's ValidationError are ValueErrors
+        raise CheckpointError(f"{weights}: invalid vitpose_config metadata: {_one_line(error)}") from None
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def _read_config_json(config_file: Path) -> tuple[ViTPoseConfig, dict[str, Any]]:
+    """The model config and metadata in an own-format ``config.json``; CheckpointError naming it if unusable."""
+    try:
+        record = json.loads(config_file.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"cannot read checkpoint config {config_file}: {_one_line(error)}") from None
+    if not isinstance(record, dict) or not isinstance(record.get("model"), dict):
+        raise CheckpointError(f"checkpoint config {config_file} lacks the 'model' section (the ViTPoseConfig)")
+    try:
+        config = ViTPoseConfig(**record["model"])
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(f"checkpoint config {config_file}: invalid 'model' section: {_one_line(error)}") from None
+    metadata = record.get("metadata", {})
+    return config, metadata if isinstance(metadata, dict) else {}
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -98,7 +124,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     own = _own_format_paths(path)
     if own is not None:
-        return load_file(str(own[0]))
+        try:
+            return load_file(str(own[0]))
+        except Exception as error:  # SafetensorError: truncated file, bad header; OSError
+            raise CheckpointError(f"cannot read {own[0]} as safetensors: {_one_line(error)}") from None
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory without {WEIGHTS_NAME}; pass the own-format "
+                              "checkpoint directory or an official .pth file")
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle errors, zip errors, disallowed globals

@@ -17,7 +17,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
+import logging
+import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -27,7 +28,10 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from .errors import InvalidInputError, read_json_file
 from .keypoints import KEYPOINT_SETS, KeypointSet
+
+logger = logging.getLogger(__name__)
 
 STAT_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
 KEYPOINT_SCORE_THRESHOLD = 0.2
@@ -48,23 +52,62 @@ class PersonPrediction:
 def _read_json(source: str | Path | dict | list, what: str) -> dict | list:
     if isinstance(source, dict | list):
         return copy.deepcopy(source)
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} file not found: {path}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{what} file {path} is not valid JSON: {error}") from None
+    return read_json_file(source, what)
+
+
+def _source_name(source: object, what: str) -> str:
+    """How messages name an input: its path, or e.g. 'predictions (in memory)'."""
+    return str(source) if isinstance(source, str | Path) else f"{what} (in memory)"
+
+
+def _finite_numbers(values: object, count: int | None = None) -> np.ndarray | None:
+    """`values` as a float64 vector if it is a list of `count` finite real numbers, else None."""
+    if not isinstance(values, list | tuple) or (count is not None and len(values) != count):
+        return None
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        return None
+    array = np.asarray(values, dtype=np.float64)
+    return array if np.all(np.isfinite(array)) else None
+
+
+def _finite_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def load_ground_truth(annotations: str | Path | dict) -> COCO:
-    """A pycocotools COCO index of a keypoint annotation file, with missing `area`/`iscrowd`/`num_keypoints` filled."""
+    """A pycocotools COCO index of a keypoint annotation file, with missing `area`/`iscrowd`/`num_keypoints` filled.
+
+    pycocotools silently ignores annotations whose image is not in `images` or whose category is not
+    in `categories`, which changes AP without a word; those are errors here, naming the annotation.
+    """
     data = _read_json(annotations, "annotations")
+    name = _source_name(annotations, "annotations")
     if not isinstance(data, dict) or not {"images", "annotations", "categories"} <= data.keys():
-        raise ValueError("annotations must be a COCO dict with 'images', 'annotations' and 'categories'")
+        raise InvalidInputError(f"annotations {name} must be a COCO dict with 'images', 'annotations' and "
+                                "'categories'")
+    if not all(isinstance(data[k], list) and all(isinstance(item, dict) for item in data[k])
+               for k in ("images", "annotations", "categories")):
+        raise InvalidInputError(f"annotations {name}: 'images', 'annotations' and 'categories' must be lists "
+                                "of objects")
+    image_ids = {image.get("id") for image in data["images"]}
+    category_ids = {category.get("id") for category in data["categories"]}
     for ann in data["annotations"]:
         if "bbox" not in ann or "keypoints" not in ann:
-            raise ValueError(f"annotation {ann.get('id')} lacks 'bbox' or 'keypoints'")
+            raise InvalidInputError(f"annotations {name}: annotation {ann.get('id')} lacks 'bbox' or 'keypoints'")
+        if _finite_numbers(ann["bbox"], 4) is None:
+            raise InvalidInputError(f"annotations {name}: annotation {ann.get('id')} has bbox {ann['bbox']!r}, "
+                                    "expected 4 finite numbers")
+        keypoints = _finite_numbers(ann["keypoints"])
+        if keypoints is None or len(keypoints) % 3:
+            raise InvalidInputError(f"annotations {name}: annotation {ann.get('id')} has keypoints that are not "
+                                    "a list of finite (x, y, v) numbers")
+        if ann.get("image_id") not in image_ids:
+            raise InvalidInputError(f"annotations {name}: annotation {ann.get('id')} refers to image_id "
+                                    f"{ann.get('image_id')!r}, which is not in 'images' (pycocotools would drop it)")
+        if ann.get("category_id") not in category_ids:
+            raise InvalidInputError(f"annotations {name}: annotation {ann.get('id')} has category_id "
+                                    f"{ann.get('category_id')!r}, which is not in 'categories' "
+                                    f"{sorted(category_ids, key=str)} (pycocotools would drop it)")
         ann.setdefault("area", float(ann["bbox"][2] * ann["bbox"][3]))
         ann.setdefault("iscrowd", 0)
         ann.setdefault("num_keypoints", int(np.count_nonzero(np.asarray(ann["keypoints"])[2::3] > 0)))
@@ -110,21 +153,37 @@ def load_detections(detections: str | Path | list, score_threshold: float = 0.0,
                     image_ids: Iterable[int] | None = None) -> dict[int, list[tuple[list[float], float]]]:
     """A COCO detection-results file -> image_id -> [(box xywh, score)] above `score_threshold`."""
     records = _read_json(detections, "detections")
+    name = _source_name(detections, "detections")
     if not isinstance(records, list):
-        raise ValueError("detections must be a COCO results list of {image_id, category_id, bbox, score}")
+        raise InvalidInputError(f"detections {name} must be a COCO results list of "
+                                "{image_id, category_id, bbox, score}")
     wanted = None if image_ids is None else set(image_ids)
     boxes: dict[int, list[tuple[list[float], float]]] = defaultdict(list)
-    for record in records:
+    unknown_images = empty_boxes = 0
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise InvalidInputError(f"detections {name}: record {index} is not an object")
         missing = {"image_id", "bbox", "score"} - record.keys()
         if missing:
-            raise ValueError(f"detection {record} lacks {sorted(missing)}")
+            raise InvalidInputError(f"detections {name}: record {index} lacks {sorted(missing)}")
+        box = _finite_numbers(record["bbox"], 4)
+        if box is None or not _finite_number(record["score"]):
+            raise InvalidInputError(f"detections {name}: record {index} (image {record['image_id']!r}) needs a "
+                                    f"bbox of 4 finite numbers and a finite score, got {record['bbox']!r}, "
+                                    f"{record['score']!r}")
         if record.get("category_id", category_id) != category_id or record["score"] < score_threshold:
-            continue
+            continue  # other classes of a multi-class detector, and low scores: dropped by design
         if wanted is not None and record["image_id"] not in wanted:
+            unknown_images += 1
             continue
-        x, y, w, h = (float(v) for v in record["bbox"])
+        x, y, w, h = (float(v) for v in box)
         if w > 0 and h > 0:
             boxes[record["image_id"]].append(([x, y, w, h], float(record["score"])))
+        else:
+            empty_boxes += 1
+    if unknown_images or empty_boxes:
+        logger.warning("detections %s: ignored %d boxes of images the annotations do not contain and %d boxes "
+                       "with zero width or height", name, unknown_images, empty_boxes)
     return dict(boxes)
 
 
@@ -180,22 +239,46 @@ def rescore_and_nms(predictions: Sequence[PersonPrediction], sigmas: np.ndarray,
 
 def evaluate_keypoints(ground_truth: COCO, results: str | Path | list[dict], sigmas: np.ndarray,
                        verbose: bool = False) -> dict[str, float]:
-    """COCO keypoint metrics (AP, AP50, AP75, APm, APl, AR, AR50, AR75, ARm, ARl) of `results`."""
+    """COCO keypoint metrics (AP, AP50, AP75, APm, APl, AR, AR50, AR75, ARm, ARl) of `results`.
+
+    Every record is checked first, because pycocotools accepts what it should not: a NaN keypoint
+    makes a NaN OKS that counts as a match (all-NaN predictions score AP 1.0), and records of an
+    unknown category or image are dropped silently. Such records are errors naming the record.
+    """
     records = _read_json(results, "predictions")
+    name = _source_name(results, "predictions")
     if not isinstance(records, list):
-        raise ValueError("predictions must be a COCO results list of {image_id, category_id, keypoints, score}")
+        raise InvalidInputError(f"predictions {name} must be a COCO results list of "
+                                "{image_id, category_id, keypoints, score}")
     num_keypoints = len(sigmas)
     known_images = set(ground_truth.getImgIds())
-    for record in records:
+    known_categories = set(ground_truth.getCatIds())
+    for ann in ground_truth.dataset["annotations"]:
+        if len(ann["keypoints"]) != 3 * num_keypoints:
+            raise InvalidInputError(f"annotation {ann.get('id')} has {len(ann['keypoints'])} keypoint values, "
+                                    f"expected {3 * num_keypoints} ({num_keypoints} keypoints x 3)")
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise InvalidInputError(f"predictions {name}: record {index} is not an object")
+        where = f"predictions {name}: record {index} (image {record.get('image_id')!r})"
         missing = {"image_id", "keypoints", "score"} - record.keys()
         if missing:
-            raise ValueError(f"prediction for image {record.get('image_id')} lacks {sorted(missing)}")
-        if len(record["keypoints"]) != 3 * num_keypoints:
-            raise ValueError(f"prediction for image {record['image_id']} has {len(record['keypoints'])} keypoint "
-                             f"values, expected {3 * num_keypoints} ({num_keypoints} keypoints x 3)")
+            raise InvalidInputError(f"{where} lacks {sorted(missing)}")
+        keypoints = record["keypoints"]
+        if not isinstance(keypoints, list | tuple) or len(keypoints) != 3 * num_keypoints:
+            count = len(keypoints) if isinstance(keypoints, list | tuple) else type(keypoints).__name__
+            raise InvalidInputError(f"{where} has {count} keypoint values, expected {3 * num_keypoints} "
+                                    f"({num_keypoints} keypoints x 3)")
+        if _finite_numbers(keypoints) is None:
+            raise InvalidInputError(f"{where}: keypoints must be finite numbers (NaN/Inf found or a non-number)")
+        if not _finite_number(record["score"]):
+            raise InvalidInputError(f"{where}: score {record['score']!r} is not a finite number")
         if record["image_id"] not in known_images:
-            raise ValueError(f"prediction for image {record['image_id']} which the annotations do not contain")
+            raise InvalidInputError(f"{where}: the annotations do not contain image {record['image_id']!r}")
         record.setdefault("category_id", 1)
+        if record["category_id"] not in known_categories:
+            raise InvalidInputError(f"{where}: category_id {record['category_id']!r} is not among the annotations' "
+                                    f"categories {sorted(known_categories, key=str)}")
     if not records:
         return dict.fromkeys(STAT_NAMES, 0.0)
     output = io.StringIO()

@@ -12,6 +12,7 @@ requests into one `run_model` call, and `decode_to_image` each request's slice:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,6 +29,8 @@ from .geometry import (
     warp_image,
 )
 from .keypoints import KEYPOINT_SETS, KeypointSet
+
+logger = logging.getLogger(__name__)
 
 # ImageNet statistics on RGB in [0, 255], the normalisation every ViTPose checkpoint was trained with
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32) * 255
@@ -217,21 +220,47 @@ def predict_dataset(predictor: TopDownPredictor, image_paths: dict[int, str],
                     boxes_by_image: dict[int, list[tuple[list[float], float]]]) -> list:
     """Run `predictor` over images: image_id -> path, image_id -> [(box xywh, box score)].
 
-    Returns `evaluation.PersonPrediction`s ready for `evaluation.rescore_and_nms`.
+    Returns `evaluation.PersonPrediction`s ready for `evaluation.rescore_and_nms`. Images are size-checked
+    from their headers (`image_io` limits); boxes that do not overlap their image are skipped, counted
+    and reported in one warning.
     """
-    import cv2
-
     from .evaluation import PersonPrediction
+    from .image_io import boxes_overlapping_image, read_image_rgb
 
     predictions = []
+    outside = 0
     for image_id, items in boxes_by_image.items():
         if not items:
             continue
-        image_bgr = cv2.imread(str(image_paths[image_id]), cv2.IMREAD_COLOR)
-        if image_bgr is None:
-            raise FileNotFoundError(f"cannot read image {image_paths[image_id]} (image_id {image_id})")
+        image = read_image_rgb(image_paths[image_id])
+        inside = boxes_overlapping_image(np.array([box for box, _ in items]), image.shape[1], image.shape[0])
+        outside += int((~inside).sum())
+        items = [item for item, keep in zip(items, inside, strict=True) if keep]
+        if not items:
+            continue
         boxes = np.array([box for box, _ in items], dtype=np.float64)
-        keypoints = predictor.predict(cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB), boxes)
+        keypoints = predictor.predict(image, boxes)
         for person, area, (_, box_score) in zip(keypoints, predictor.crop_areas(boxes), items, strict=True):
             predictions.append(PersonPrediction(int(image_id), person, float(box_score), float(area)))
+    if outside:
+        logger.warning("skipped %d person boxes that do not overlap their image", outside)
     return predictions
+
+
+def resolve_device(name: str) -> torch.device:
+    """A torch device from a user's string, or InvalidInputError naming it (unknown or not available here)."""
+    from .errors import InvalidInputError
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise InvalidInputError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            raise InvalidInputError(f"device {name!r} is not available here ({count} CUDA devices)")
+    elif device.type != "cpu":
+        backend = getattr(torch, device.type, None)  # torch.mps, torch.xpu ...
+        if backend is None or not getattr(backend, "is_available", lambda: False)():
+            raise InvalidInputError(f"device {name!r} is not available here")
+    return device

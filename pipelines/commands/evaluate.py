@@ -39,6 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from vitpose_core.evaluation import evaluate_keypoints, infer_keypoint_set, load_ground_truth
 
+    if args.output is not None:
+        refuse_overwriting_inputs(args.output, [args.annotations, args.predictions, args.detections, args.checkpoint])
     ground_truth = load_ground_truth(args.annotations)
     keypoint_set = infer_keypoint_set(ground_truth, args.keypoint_set)
     results = None
@@ -55,22 +57,38 @@ def run(args: argparse.Namespace) -> int:
         record = {"metrics": metrics, "keypoint_set": keypoint_set.name}
         if results is not None:
             record["results"] = results
-        args.output.write_text(json.dumps(record))
+        args.output.write_text(json.dumps(record, allow_nan=False))
     return 0
 
 
+def refuse_overwriting_inputs(output: Path, inputs: list[Path | None]) -> None:
+    """An InvalidInputError if `output` is (or lies inside) one of the inputs: the metrics must never replace
+    the predictions or annotations they were computed from."""
+    from vitpose_core.errors import InvalidInputError
+
+    target = output.resolve()
+    for item in inputs:
+        if item is None:
+            continue
+        source = item.resolve()
+        if target == source or source in target.parents or (output.exists() and item.exists()
+                                                              and output.samefile(item)):
+            raise InvalidInputError(f"--output {output} would overwrite the input {item}; choose another path")
+
+
 def _predict_results(args: argparse.Namespace, ground_truth, keypoint_set) -> list[dict]:
-    import torch
+    import numpy as np
 
     from vitpose_core import load_model
+    from vitpose_core.errors import InvalidInputError
     from vitpose_core.evaluation import ground_truth_boxes, load_detections, rescore_and_nms
-    from vitpose_core.inference import TopDownPredictor, predict_dataset
+    from vitpose_core.inference import TopDownPredictor, predict_dataset, resolve_device
 
     if args.images is None or not args.images.is_dir():
         raise ValueError(f"--checkpoint needs --images pointing at a directory, got {args.images}")
     if not args.checkpoint.exists():
         raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
-    model = load_model(args.checkpoint).to(torch.device(args.device))
+    model = load_model(args.checkpoint).to(resolve_device(args.device))
     if model.config.num_keypoints != keypoint_set.num_keypoints:
         raise ValueError(f"the checkpoint predicts {model.config.num_keypoints} keypoints but the annotations "
                          f"use {keypoint_set.name!r} ({keypoint_set.num_keypoints})")
@@ -84,4 +102,8 @@ def _predict_results(args: argparse.Namespace, ground_truth, keypoint_set) -> li
     predictions = predict_dataset(predictor, image_paths, boxes)
     logger.info("predicted %d persons in %d images in %.1f s", len(predictions), len(boxes),
                 time.perf_counter() - start)
+    broken = sum(not np.all(np.isfinite(p.keypoints)) for p in predictions)
+    if broken:
+        raise InvalidInputError(f"checkpoint {args.checkpoint} produced non-finite keypoints or scores for {broken} "
+                                f"of {len(predictions)} persons (NaN or Inf weights?)")
     return rescore_and_nms(predictions, keypoint_set.sigmas_array())

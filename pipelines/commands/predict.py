@@ -37,35 +37,44 @@ def parse_boxes(values: list[str] | None) -> np.ndarray | None:
     if not values:
         return None
     if len(values) == 1 and values[0].endswith(".json"):
-        path = Path(values[0])
-        if not path.is_file():
-            raise FileNotFoundError(f"boxes file not found: {path}")
-        rows = json.loads(path.read_text())
+        from vitpose_core.errors import read_json_file
+
+        rows = read_json_file(values[0], "boxes")
     else:
         try:
             rows = [[float(v) for v in value.split(",")] for value in values]
         except ValueError:
             raise ValueError(f"--boxes must be X,Y,W,H numbers, got {values}") from None
-    boxes = np.asarray(rows, dtype=np.float64)
-    if boxes.ndim != 2 or boxes.shape[1] != 4 or np.any(boxes[:, 2:] <= 0):
-        raise ValueError(f"--boxes must be [x, y, w, h] with w, h > 0, got {rows}")
+    try:
+        boxes = np.asarray(rows, dtype=np.float64)
+    except (ValueError, TypeError):
+        raise ValueError(f"--boxes must be [x, y, w, h] numbers, got {rows}") from None
+    if boxes.ndim != 2 or boxes.shape[1] != 4 or not np.all(np.isfinite(boxes)) or np.any(boxes[:, 2:] <= 0):
+        raise ValueError(f"--boxes must be finite [x, y, w, h] with w, h > 0, got {rows}")
     return boxes
 
 
 def run(args: argparse.Namespace) -> int:
-    import cv2
-    import torch
-
-    from vitpose_core import load_model
-    from vitpose_core.inference import TopDownPredictor, whole_image_box
-    from vitpose_core.keypoints import get_keypoint_set
-    from vitpose_core.visualize import draw_poses
+    from vitpose_core.errors import InvalidInputError
+    from vitpose_core.image_io import check_boxes_in_image, read_image_rgb
 
     boxes = parse_boxes(args.boxes)
-    image_bgr = cv2.imread(str(args.image), cv2.IMREAD_COLOR)
-    if image_bgr is None:
-        raise FileNotFoundError(f"cannot read image {args.image}")
-    image = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
+    json_path = args.output_dir / f"{args.image.stem}.pose.json"
+    png_path = args.output_dir / f"{args.image.stem}.pose.png"
+    inputs = [args.image] + ([Path(args.boxes[0])] if args.boxes and len(args.boxes) == 1 else [])
+    for output in (json_path, png_path):
+        if any(output.resolve() == Path(item).resolve() for item in inputs):
+            raise InvalidInputError(f"output {output} would overwrite an input file; choose another --output-dir")
+    image = read_image_rgb(args.image)  # the server's size limits, from the header before decoding
+    if boxes is not None:
+        check_boxes_in_image(boxes, image.shape[1], image.shape[0], "--boxes")
+    # the heavy imports (torch: seconds, ~800 MB) only once the inputs are known to be good
+    import cv2
+
+    from vitpose_core import load_model
+    from vitpose_core.inference import TopDownPredictor, resolve_device, whole_image_box
+    from vitpose_core.keypoints import get_keypoint_set
+    from vitpose_core.visualize import draw_poses
     if args.url:  # the service decides flip test and dtype; boxes None -> its detector / whole image
         from pipelines.serve.client import PoseClient
 
@@ -78,23 +87,24 @@ def run(args: argparse.Namespace) -> int:
     else:
         if not args.checkpoint.exists():
             raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
-        model = load_model(args.checkpoint).to(torch.device(args.device))
+        model = load_model(args.checkpoint).to(resolve_device(args.device))
         keypoint_set = get_keypoint_set(model.config.keypoint_set)
         predictor = TopDownPredictor(model, keypoint_set, flip_test=args.flip_test)
         boxes = whole_image_box(image) if boxes is None else boxes
         keypoints = predictor.predict(image, boxes)
         model_name = model.config.variant
+    if not np.all(np.isfinite(keypoints)):
+        source = args.url or f"checkpoint {args.checkpoint} (NaN or Inf weights?)"
+        raise InvalidInputError(f"the model produced non-finite keypoints or scores for {args.image}: {source}")
 
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    json_path = args.output_dir / f"{args.image.stem}.pose.json"
-    png_path = args.output_dir / f"{args.image.stem}.pose.png"
     record = {
         "image": str(args.image), "width": image.shape[1], "height": image.shape[0],
         "model": model_name, "keypoint_set": keypoint_set.name, "keypoint_names": list(keypoint_set.names),
         "persons": [{"box": box.tolist(), "keypoints": person.tolist(),
                      "score": float(person[:, 2].mean())} for box, person in zip(boxes, keypoints, strict=True)],
     }
-    json_path.write_text(json.dumps(record, indent=2))
+    json_path.write_text(json.dumps(record, indent=2, allow_nan=False))
     drawn = draw_poses(image, keypoints, keypoint_set, args.score_thr, boxes_xywh=boxes)
     cv2.imwrite(str(png_path), cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
     print(json_path)
