@@ -8,19 +8,33 @@ and on a cluster (S3). The S3 endpoint and credentials come from the standard AW
 The filesystem is built with the endpoint and keys spelled out (not `S3FileSystem()`, which ignores
 `AWS_ENDPOINT_URL`), so a pickled filesystem sent to a Ray task carries them: workers of a cluster
 started before the variables were set still reach the same endpoint.
+
+Failures: the AWS SDK inside pyarrow retries transient errors (connection refused or reset,
+timeouts, throttling, 5xx) with exponential backoff, `S3_MAX_ATTEMPTS` attempts in all
+(`VITPOSE_S3_MAX_ATTEMPTS` overrides it). What then remains is a `StorageError` naming the URI
+and the SDK's error code -- never an OSError, because the stages turn OSErrors of single files
+into skipped records, and an outage is not bad data. A missing key stays a FileNotFoundError; a
+missing bucket is a StorageError.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import posixpath
+import re
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from vitpose_core.errors import StorageError
+
 S3_SCHEME = "s3://"
+S3_MAX_ATTEMPTS = 5  # first try + 4 retries: rides out a throttling burst or an endpoint restart
+S3_CONNECT_TIMEOUT_S = 10.0
 
 
 def is_s3(uri: str) -> bool:
@@ -58,7 +72,67 @@ def s3_filesystem() -> pafs.S3FileSystem:
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         kwargs["region"] = region
-    return pafs.S3FileSystem(**kwargs)
+    return pafs.S3FileSystem(**kwargs, connect_timeout=S3_CONNECT_TIMEOUT_S,
+                             retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=s3_max_attempts()))
+
+
+def s3_max_attempts() -> int:
+    attempts = os.environ.get("VITPOSE_S3_MAX_ATTEMPTS", str(S3_MAX_ATTEMPTS))
+    if not attempts.isdigit() or int(attempts) < 1:
+        raise StorageError(f"VITPOSE_S3_MAX_ATTEMPTS must be a whole number >= 1, got {attempts!r}")
+    return int(attempts)
+
+
+_AWS_ERROR = re.compile(r"AWS Error (\w+)")
+_HINTS = {  # AWS SDK error code -> what it means here
+    "NETWORK_CONNECTION": "the S3 endpoint is unreachable (check AWS_ENDPOINT_URL and the network)",
+    "ACCESS_DENIED": "access denied (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket policy)",
+    "INVALID_ACCESS_KEY_ID": "the endpoint does not know the access key (check AWS_ACCESS_KEY_ID)",
+    "SIGNATURE_DOES_NOT_MATCH": "the secret key does not match (check AWS_SECRET_ACCESS_KEY)",
+    "NO_SUCH_BUCKET": "the bucket does not exist",
+    "SLOW_DOWN": "the endpoint kept throttling",
+    "THROTTLING": "the endpoint kept throttling",
+    "SERVICE_UNAVAILABLE": "the endpoint kept answering 503",
+}
+
+
+@contextlib.contextmanager
+def _s3_errors(uri: str | Path) -> Iterator[None]:
+    """Turn what S3 raises (OSErrors, after the SDK's retries) into a StorageError naming `uri`.
+
+    FileNotFoundError (a missing key) passes through; local paths keep their OSErrors.
+    """
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except OSError as error:
+        if not is_s3(str(uri)):
+            raise
+        text = " ".join(str(error).split())
+        match = _AWS_ERROR.search(text)
+        code = match.group(1) if match else "UNKNOWN"
+        if code in ("NO_SUCH_KEY", "RESOURCE_NOT_FOUND"):
+            raise FileNotFoundError(f"no such file: {uri}") from None
+        hint = _HINTS.get(code, "the S3 request failed")
+        raise StorageError(f"{uri}: {hint}; {code} after up to {s3_max_attempts()} attempts with backoff: "
+                           f"{text}") from None
+
+
+def _missing(uri: str | Path, filesystem: pafs.FileSystem | None = None) -> FileNotFoundError:
+    """FileNotFoundError naming `uri`, or a StorageError if its whole S3 bucket is missing (a wrong URI or
+    endpoint, not a missing file of a dataset)."""
+    if is_s3(str(uri)):
+        bucket = str(uri)[len(S3_SCHEME):].split("/", 1)[0]
+        fs = filesystem if filesystem is not None else filesystem_and_path(uri)[0]
+        try:
+            with _s3_errors(uri):
+                bucket_exists = fs.get_file_info(bucket).type != pafs.FileType.NotFound
+        except StorageError:  # e.g. allowed to get objects but not to head the bucket: a missing key it is
+            bucket_exists = True
+        if not bucket_exists:
+            raise StorageError(f"{uri}: bucket {bucket!r} does not exist at the S3 endpoint")
+    return FileNotFoundError(f"no such file: {uri}")
 
 
 def filesystem_and_path(uri: str | Path) -> tuple[pafs.FileSystem, str]:
@@ -73,25 +147,21 @@ def read_bytes(uri: str | Path, filesystem: pafs.FileSystem | None = None) -> by
     """The whole file. Raises FileNotFoundError naming the URI if it does not exist."""
     fs, path = _resolve(uri, filesystem)
     try:
-        with fs.open_input_stream(path) as stream:
+        with _s3_errors(uri), fs.open_input_stream(path) as stream:
             return stream.read()
     except FileNotFoundError:
-        raise FileNotFoundError(f"no such file: {uri}") from None
-    except OSError as error:
-        # pyarrow's S3 client reports a missing key as a generic OSError
-        if "NoSuchKey" in str(error) or "not found" in str(error).lower() or "does not exist" in str(error):
-            raise FileNotFoundError(f"no such file: {uri}") from None
-        raise
+        raise _missing(uri, filesystem) from None
 
 
 def write_bytes(uri: str | Path, data: bytes, filesystem: pafs.FileSystem | None = None) -> None:
     """Write a whole file, creating parent directories (a no-op on S3)."""
     fs, path = _resolve(uri, filesystem)
     parent = posixpath.dirname(path)
-    if parent:
-        fs.create_dir(parent, recursive=True)
-    with fs.open_output_stream(path) as stream:
-        stream.write(data)
+    with _s3_errors(uri):
+        if parent:
+            fs.create_dir(parent, recursive=True)
+        with fs.open_output_stream(path) as stream:
+            stream.write(data)
 
 
 def read_text(uri: str | Path) -> str:
@@ -104,16 +174,18 @@ def write_text(uri: str | Path, text: str) -> None:
 
 def exists(uri: str | Path, filesystem: pafs.FileSystem | None = None) -> bool:
     fs, path = _resolve(uri, filesystem)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    with _s3_errors(uri):
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
 def list_files(uri: str | Path, suffix: str = "", recursive: bool = False) -> list[str]:
     """Sorted URIs of the files under directory `uri` whose names end with `suffix` ([] if none)."""
     base = normalize(uri)
     fs, path = filesystem_and_path(base)
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
-        return []
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive))
+    with _s3_errors(base):
+        if fs.get_file_info(path).type != pafs.FileType.Directory:
+            return []
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive))
     names = sorted(posixpath.relpath(i.path, path) for i in infos
                    if i.type == pafs.FileType.File and i.path.endswith(suffix))
     return [join(base, name) for name in names]
@@ -122,15 +194,16 @@ def list_files(uri: str | Path, suffix: str = "", recursive: bool = False) -> li
 def delete_dir(uri: str | Path) -> None:
     """Remove a directory and everything under it; nothing happens if it does not exist."""
     fs, path = filesystem_and_path(uri)
-    if fs.get_file_info(path).type != pafs.FileType.NotFound:
-        fs.delete_dir(path)
+    with _s3_errors(uri):
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            fs.delete_dir(path)
 
 
 def sha256_of(uri: str | Path) -> tuple[str, int]:
     """(hex SHA-256, size in bytes) of a file, streamed in 8 MiB chunks."""
     fs, path = filesystem_and_path(uri)
     digest, size = hashlib.sha256(), 0
-    with fs.open_input_stream(path) as stream:
+    with _s3_errors(uri), fs.open_input_stream(path) as stream:
         while chunk := stream.read(8 << 20):
             digest.update(chunk)
             size += len(chunk)
