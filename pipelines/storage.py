@@ -115,8 +115,8 @@ def _s3_errors(uri: str | Path) -> Iterator[None]:
         if code in ("NO_SUCH_KEY", "RESOURCE_NOT_FOUND"):
             raise FileNotFoundError(f"no such file: {uri}") from None
         hint = _HINTS.get(code, "the S3 request failed")
-        raise StorageError(f"{uri}: {hint}; {code} after up to {s3_max_attempts()} attempts with backoff: "
-                           f"{text}") from None
+        # no attempt count here: in a Ray task the filesystem came pickled from the driver, with its settings
+        raise StorageError(f"{uri}: {hint}; {code} after the S3 client's retries with backoff: {text}") from None
 
 
 def _missing(uri: str | Path, filesystem: pafs.FileSystem | None = None) -> FileNotFoundError:
