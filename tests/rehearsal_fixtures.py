@@ -34,3 +34,4 @@ def rehearsal():
         # teardown is part of the contract: nothing of the rehearsal may outlive the session
         leftover = marked_processes(cluster.state.root)
         assert not leftover, f"rehearsal processes still running after stop(): {leftover}"
+        cluster.remove_files()

@@ -162,5 +162,6 @@ def test_ctrl_c_while_starting_leaves_no_process(tmp_path):
     finally:
         if up.poll() is None:
             up.kill()
+        # also removes the root (its data and logs)
         subprocess.run([sys.executable, "-m", "infra.rehearsal.cluster", "down", "--root", str(root)], cwd=REPO,
                        capture_output=True)

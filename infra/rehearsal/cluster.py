@@ -418,6 +418,12 @@ class Rehearsal:
         self._reap()
         return sorted(set(killed))
 
+    def remove_files(self) -> None:
+        """Delete the root (data, logs; ~50 MB) of a stopped rehearsal."""
+        if marked_processes(self.state.root):
+            raise RehearsalError(f"the rehearsal in {self.root} is still running: stop() it first")
+        shutil.rmtree(self.root, ignore_errors=True)
+
     def status(self) -> dict[str, object]:
         return {
             "root": self.state.root,
@@ -713,6 +719,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=DEFAULT_CLI_ROOT, help=f"state and logs (default {DEFAULT_CLI_ROOT})")
     parser.add_argument("--worker-nodes", type=int, default=2)
     parser.add_argument("--auth-mode", choices=["token", "disabled"], default="token")
+    parser.add_argument("--keep-files", action="store_true", help="down/run: keep the root's data and logs")
     parser.add_argument("argv", nargs="*", help="for `run`: the command to run with the exports")
     args = parser.parse_args(argv)
     _terminate_on_sigterm()
@@ -730,12 +737,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.argv:
             parser.error("run needs a command: python -m infra.rehearsal.cluster run -- CMD ...")
         with running(config, args.root) as rehearsal:
-            return subprocess.run(args.argv, env=rehearsal.client_env()).returncode
+            returncode = subprocess.run(args.argv, env=rehearsal.client_env()).returncode
+        if not args.keep_files:
+            rehearsal.remove_files()
+        return returncode
     rehearsal = Rehearsal.load(args.root)
     if args.command == "status":
         print(json.dumps(rehearsal.status(), indent=1))
         return 0
     killed = rehearsal.stop()
+    if not args.keep_files:
+        rehearsal.remove_files()
     print(f"rehearsal in {args.root} stopped" + (f" ({len(killed)} leftover processes killed)" if killed else ""))
     return 0
 
