@@ -34,9 +34,9 @@ VARIANTS = {  # name -> distill switches
 
 
 def make_shards(workdir: Path, train_images: int, val_images: int) -> str:
-    from pipelines.commands.synth import write_synthetic_dataset
-    from pipelines.crops import CropConfig
-    from pipelines.shard import ShardConfig, ShardSource, run_shard
+    from pipelines.shard.config import ShardConfig, ShardSource
+    from pipelines.shard.crops import CropConfig
+    from pipelines.shard.run import run_shard, write_synthetic_dataset
     from vitpose_core.synthetic import SyntheticConfig
 
     sources = []
@@ -86,8 +86,10 @@ def main() -> None:
     args = parser.parse_args()
 
     from pipelines.config import build_config
-    from pipelines.distill import DistillConfig, run_distill
-    from pipelines.finetune import FinetuneConfig, run_finetune
+    from pipelines.distill.config import DistillConfig
+    from pipelines.distill.run import run_distill
+    from pipelines.finetune.config import FinetuneConfig
+    from pipelines.finetune.run import run_finetune
 
     workdir, tracking_uri = open_workdir(args.workdir)
     start = time.time()

@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from pipelines.crops import CropConfig, cut_person_crop  # noqa: E402
+from pipelines.shard.crops import CropConfig, cut_person_crop  # noqa: E402
 from vitpose_core.synthetic import SyntheticConfig, coco_document, iter_dataset  # noqa: E402
 
 
@@ -171,7 +171,8 @@ class MemorySampler:
 
 def ray_run(annotations: Path, folder: Path, out: Path, crop: CropConfig, images: int,
             images_per_task: int = 16) -> dict:
-    from pipelines.shard import ShardConfig, run_shard
+    from pipelines.shard.config import ShardConfig
+    from pipelines.shard.run import run_shard
 
     config = ShardConfig.model_validate({
         "sources": [{"annotations": str(annotations), "images": str(folder), "dataset": "coco", "split": "train"}],

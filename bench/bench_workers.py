@@ -41,7 +41,8 @@ def main() -> None:
     from bench_distill import common_sections, curve, make_shards, open_workdir
 
     from pipelines.config import build_config
-    from pipelines.finetune import FinetuneConfig, run_finetune
+    from pipelines.finetune.config import FinetuneConfig
+    from pipelines.finetune.run import run_finetune
 
     workdir, tracking_uri = open_workdir(args.workdir)
     shards = str(workdir / "shards") if (workdir / "shards" / "manifest.json").exists() else \

@@ -77,9 +77,9 @@ def train_stream(work: Path, stream: StreamConfig, batch_size: int, seed: int) -
 def make_data(args: argparse.Namespace) -> None:
     import ray
 
-    from pipelines.commands.synth import write_synthetic_dataset
-    from pipelines.crops import CropConfig
-    from pipelines.shard import ShardConfig, ShardSource, run_shard
+    from pipelines.shard.config import ShardConfig, ShardSource
+    from pipelines.shard.crops import CropConfig
+    from pipelines.shard.run import run_shard, write_synthetic_dataset
     from vitpose_core.synthetic import SyntheticConfig
 
     work = Path(args.work)

@@ -14,16 +14,21 @@ import sys
 
 # subcommand name -> module providing `register(subparsers)`
 COMMANDS: dict[str, str] = {
+    # the stages, each a package with its config, run function, spec and command
+    "shard": "pipelines.shard.command",
+    "pretrain": "pipelines.pretrain.command",
+    "finetune": "pipelines.finetune.command",
+    "tune": "pipelines.tune.command",
+    "distill": "pipelines.distill.command",
+    "register": "pipelines.register.command",
+    "serve": "pipelines.serve.command",
+    # the pipeline and the tools around it
+    "run": "pipelines.commands.run",
+    "plan": "pipelines.commands.plan",
+    "synth": "pipelines.commands.synth",
     "predict": "pipelines.commands.predict",
     "eval": "pipelines.commands.evaluate",
-    "shard": "pipelines.commands.shard",
-    "synth": "pipelines.commands.synth",
-    "serve": "pipelines.commands.serve",
-    "pretrain": "pipelines.commands.pretrain",
-    "finetune": "pipelines.commands.finetune",
-    "tune": "pipelines.commands.tune",
-    "distill": "pipelines.commands.distill",
-    "run": "pipelines.commands.run",
+    "export": "pipelines.commands.export",
 }
 
 
@@ -36,13 +41,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             # still list it in --help without importing its module
             subparsers.add_parser(name, help=f"(run `vitpose {name} --help`)")
             continue
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name and error.name.startswith("pipelines.commands"):
-                continue  # command not built yet
-            raise
-        module.register(subparsers)
+        importlib.import_module(module_name).register(subparsers)  # a broken command fails loudly
     return parser
 
 

@@ -182,3 +182,42 @@ def load_config(cls: type[ConfigT], path: str | Path | None = None, overrides: l
 
 def dump_config(config: BaseModel) -> dict[str, Any]:
     return config.model_dump(mode="json")
+
+
+# keys that say where or how a run is observed or retried, not what it computes: left out of the hash, so
+# a rerun under a new pipeline run (a new MLflow parent) or with more retries still resumes the same work
+NOT_HASHED = frozenset({"tracking", "max_failures", "max_trial_failures", "max_concurrent_trials"})
+
+
+def config_hash(data: Any) -> str:
+    """The one identity of a config (a pydantic config or JSON-able data) that decides skip and resume.
+
+    Stage records (`vitpose run` skips a stage whose hash and inputs match), Ray Train run names (a
+    rerun of the same config resumes its checkpoints) and Tune experiment names (a rerun restores the
+    sweep) all come from this function. Keys in `NOT_HASHED` are dropped at every depth.
+    """
+    import hashlib
+    import json
+
+    if isinstance(data, BaseModel):
+        data = dump_config(data)
+    return hashlib.sha256(json.dumps(_without(data, NOT_HASHED), sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _without(data: Any, keys: frozenset[str]) -> Any:
+    if isinstance(data, dict):
+        return {k: _without(v, keys) for k, v in data.items() if k not in keys}
+    if isinstance(data, list | tuple):
+        return [_without(v, keys) for v in data]
+    return data
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `override` laid over it: mappings merge key by key, anything else replaces."""
+    merged = _deep_copy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = _deep_copy(value)
+    return merged

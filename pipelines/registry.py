@@ -43,11 +43,23 @@ class ResolvedModel:
 
 
 def _mlflow(tracking_uri: str | None = None) -> Any:
+    """MLflow's fluent API (model logging, artifact download), pointed at `tracking_uri` when given."""
     import mlflow
 
+    from pipelines.session import use_tracking_uri
+
     if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
+        use_tracking_uri(tracking_uri)
     return mlflow
+
+
+def _client(tracking_uri: str | None) -> Any:
+    """A client for `tracking_uri`, or for the URI MLflow resolves now (MLFLOW_TRACKING_URI or its default)."""
+    import mlflow
+
+    from pipelines.session import mlflow_client
+
+    return mlflow_client(tracking_uri or mlflow.get_tracking_uri())
 
 
 def log_checkpoint_model(checkpoint_dir: str | Path, name: str = "model", run_id: str | None = None,
@@ -85,26 +97,20 @@ def log_checkpoint_model(checkpoint_dir: str | Path, name: str = "model", run_id
 
 def register(model_uri: str, name: str, tracking_uri: str | None = None) -> str:
     """Register `model_uri` as a new version of registered model `name`; returns the version."""
-    mlflow = _mlflow(tracking_uri)
-    return str(mlflow.register_model(model_uri, name).version)
+    return str(_mlflow(tracking_uri).register_model(model_uri, name).version)
 
 
 def set_alias(name: str, alias: str, version: str | int, tracking_uri: str | None = None) -> None:
     """Point `name@alias` (e.g. `vitpose@champion`) at `version`; moves the alias if it exists."""
-    from mlflow.tracking import MlflowClient
-
-    _mlflow(tracking_uri)
-    MlflowClient().set_registered_model_alias(name, alias, str(version))
+    _client(tracking_uri).set_registered_model_alias(name, alias, str(version))
 
 
 def get_alias(name: str, alias: str, tracking_uri: str | None = None) -> str | None:
     """The version `name@alias` points at, or None when the alias (or the model) does not exist."""
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
-    _mlflow(tracking_uri)
     try:
-        return str(MlflowClient().get_model_version_by_alias(name, alias).version)
+        return str(_client(tracking_uri).get_model_version_by_alias(name, alias).version)
     except MlflowException:
         return None
 
@@ -125,16 +131,14 @@ def find_checkpoint(root: Path) -> Path:
     return candidates[0]
 
 
-def _describe_registry_uri(uri: str) -> tuple[str, str]:
+def _describe_registry_uri(uri: str, tracking_uri: str | None) -> tuple[str, str]:
     """(registered model name, version) of a `models:/name@alias` or `models:/name/version` URI."""
-    from mlflow.tracking import MlflowClient
-
     body = uri[len("models:/"):]
     if body.startswith("m-"):  # a logged model id, not a registry entry
         return body, "logged"
     if "@" in body:
         name, alias = body.split("@", 1)
-        return name, str(MlflowClient().get_model_version_by_alias(name, alias).version)
+        return name, str(_client(tracking_uri).get_model_version_by_alias(name, alias).version)
     name, _, version = body.partition("/")
     return name, version or "latest"
 
@@ -158,7 +162,7 @@ def resolve_model(source: str | Path, tracking_uri: str | None = None, dst_dir: 
                              version="local", source=str(path))
     mlflow = _mlflow(tracking_uri)
     if source.startswith("models:/"):
-        name, version = _describe_registry_uri(source)
+        name, version = _describe_registry_uri(source, tracking_uri)
         if "@" in source:  # pin the alias to the version it points at now, so name and weights agree
             source_to_fetch = f"models:/{name}/{version}"
         else:

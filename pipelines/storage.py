@@ -216,3 +216,25 @@ def _resolve(uri: str | Path, filesystem: pafs.FileSystem | None) -> tuple[pafs.
         return filesystem_and_path(uri)
     uri = str(uri)
     return filesystem, uri[len(S3_SCHEME):] if is_s3(uri) else uri
+
+
+def copy_dir(source: str | Path, destination: str | Path) -> None:
+    """Copy every file under `source` to `destination` (each a local path or an s3:// URI), with pyarrow.fs."""
+    source_fs, source_path = filesystem_and_path(source)
+    destination_fs, destination_path = filesystem_and_path(destination)
+    if source_fs.get_file_info(source_path).type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"no directory at {normalize(source)}")
+    if isinstance(destination_fs, pafs.LocalFileSystem):
+        Path(destination_path).mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(source_path, destination_path, source_filesystem=source_fs, destination_filesystem=destination_fs)
+
+
+def local_dir(uri: str | Path) -> Path:
+    """A local directory holding what is at `uri`: the path itself, or a fresh temporary copy of an s3:// prefix."""
+    import tempfile
+
+    if not is_s3(str(uri)):
+        return Path(uri)
+    local = Path(tempfile.mkdtemp(prefix="vitpose-"))
+    copy_dir(uri, local)
+    return local

@@ -37,7 +37,6 @@ from typing import Any
 
 from pydantic import Field
 
-from pipelines import storage
 from pipelines.config import StrictConfig
 
 logger = logging.getLogger(__name__)
@@ -68,30 +67,11 @@ def resolve_tracking(config: TrackingConfig, output_uri: str) -> dict[str, Any]:
     """
     if not config.enabled:
         return {"enabled": False}
-    import mlflow
+    from pipelines.session import experiment_id, mlflow_client, resolve_tracking_uri
 
-    uri = config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    artifact_location = config.artifact_location
-    if uri is None:
-        if storage.is_s3(output_uri):
-            raise ValueError("tracking.tracking_uri is required when the output is on s3:// (a local sqlite file is "
-                             "not shared between nodes); set it to an MLflow server URL")
-        local = Path(storage.normalize(output_uri)).resolve()
-        local.mkdir(parents=True, exist_ok=True)
-        uri = f"sqlite:///{local / 'mlflow.db'}"
-        artifact_location = artifact_location or (local / "mlartifacts").as_uri()
-    elif uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        raise ValueError(f"tracking_uri {uri!r} is relative; use sqlite:////absolute/path.db (Train workers chdir)")
-    mlflow.set_tracking_uri(uri)
-    experiment = mlflow.get_experiment_by_name(config.experiment)
-    if experiment is None:
-        try:
-            experiment_id = mlflow.create_experiment(config.experiment, artifact_location=artifact_location)
-        except mlflow.exceptions.MlflowException:  # created concurrently by another stage or trial
-            experiment_id = mlflow.get_experiment_by_name(config.experiment).experiment_id
-    else:
-        experiment_id = experiment.experiment_id
-    return {"enabled": True, "tracking_uri": uri, "experiment_id": experiment_id,
+    uri, default_artifacts = resolve_tracking_uri(config.tracking_uri, output_uri)
+    experiment = experiment_id(mlflow_client(uri), config.experiment, config.artifact_location or default_artifacts)
+    return {"enabled": True, "tracking_uri": uri, "experiment_id": experiment,
             "parent_run_id": config.parent_run_id, "run_name": config.run_name,
             "log_every_n_steps": config.log_every_n_steps}
 
@@ -207,15 +187,16 @@ class Tracker:
         if not self.active:
             return None
         import mlflow
-        from mlflow.tracking import MlflowClient
 
-        mlflow.set_tracking_uri(self.settings["tracking_uri"])
+        from pipelines.session import mlflow_client, use_tracking_uri
+
+        use_tracking_uri(self.settings["tracking_uri"])  # the fluent API below logs from this worker
         parent_run_id = self.settings.get("parent_run_id")
         run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else self.settings["experiment_id"],
                                run_name=None if run_id else (self.settings.get("run_name") or run_name),
                                parent_run_id=parent_run_id, tags={TRAIN_OUTPUT: output} if output else None)
         self.run_id = run.info.run_id
-        client = MlflowClient(self.settings["tracking_uri"])
+        client = mlflow_client(self.settings["tracking_uri"])
         if run_id:
             adopt_reopened_run(client, run_id, parent_run_id)
         if output:

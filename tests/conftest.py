@@ -83,9 +83,9 @@ def isolated_mlflow_tracking_uri():
 
 def make_synthetic_shards(root: Path, train_images: int, val_images: int, crop_size: tuple[int, int]) -> str:
     """Synthetic train/val COCO data (seeds 0/1) sharded by the real shard stage; needs a running Ray."""
-    from pipelines.commands.synth import write_synthetic_dataset
-    from pipelines.crops import CropConfig
-    from pipelines.shard import ShardConfig, ShardSource, run_shard
+    from pipelines.shard.config import ShardConfig, ShardSource
+    from pipelines.shard.crops import CropConfig
+    from pipelines.shard.run import run_shard, write_synthetic_dataset
     from vitpose_core.synthetic import SyntheticConfig
 
     sources = []

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.commands.synth import write_synthetic_dataset
 from pipelines.data import IMAGENET_MEAN_RGB, StreamConfig, iter_pose_batches, read_shards
-from pipelines.shard import ShardConfig, run_shard
+from pipelines.shard.config import ShardConfig
+from pipelines.shard.run import run_shard, write_synthetic_dataset
 from vitpose_core.codec import UDPHeatmapCodec
 from vitpose_core.geometry import transform_points
 from vitpose_core.keypoints import COCO

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from pipelines.config import ConfigError
-from pipelines.pipeline import load_pipeline_config, read_record, run_pipeline, select_stages
+from pipelines.contract import read_record
+from pipelines.pipeline import STAGES, load_pipeline_config, run_pipeline, select_stages
 from pipelines.progress import Reporter
-from pipelines.stages import STAGES
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "pipelines" / "configs"
 PIPELINE_CONFIGS = [CONFIGS_DIR / name for name in ("local.yaml", "cocoaic_vitpose_b_8gpu.yaml", "vitpose_h_fsdp.yaml")]

@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.config import ConfigError, build_config
-from pipelines.shard import ShardConfig, run_shard
+from pipelines.shard.config import ShardConfig
+from pipelines.shard.run import run_shard
 from vitpose_core.geometry import transform_points
 
 

@@ -15,7 +15,8 @@ import pytest
 
 from pipelines import storage
 from pipelines.data import StreamConfig, iter_pose_batches, read_shards
-from pipelines.shard import ShardConfig, run_shard
+from pipelines.shard.config import ShardConfig
+from pipelines.shard.run import run_shard
 
 BUCKET = "vitpose-test"
 

@@ -17,9 +17,13 @@ import pytest
 from conftest import make_synthetic_shards
 
 from pipelines.config import build_config
-from pipelines.finetune import FinetuneConfig, run_finetune
-from pipelines.pretrain import PretrainConfig, run_pretrain
-from pipelines.train import train_fn_per_worker
+from pipelines.finetune.config import FinetuneConfig
+from pipelines.finetune.run import FINETUNE, run_finetune
+from pipelines.pretrain.config import PretrainConfig
+from pipelines.pretrain.run import run_pretrain
+from pipelines.training.loop import train_fn_per_worker
+from pipelines.training.recipe import train_rows
+from pipelines.training.trainer import fit
 from vitpose_core.checkpoint import load_model
 
 
@@ -43,16 +47,18 @@ def finetune_config(shards: str, storage: Path, **overrides) -> FinetuneConfig:
 
 def test_two_worker_finetune_tracks_to_mlflow_and_rerun_resumes(tiny_shards, tmp_path):
     config = finetune_config(tiny_shards, tmp_path)
-    result = run_finetune(config, name="ft-ddp")
-    summary = result.return_value
-    steps_per_epoch = 60 // 8  # >= 7 full global batches from ~60 training rows
-    assert summary["epoch"] == 2 and summary["step"] >= 2 * 7 and summary["resumed_from"] == []
-    assert "val_AP" in result.metrics and result.checkpoint is not None
-    assert steps_per_epoch > 0
+    output = run_finetune(config, name="ft-ddp")
+    steps_per_epoch = train_rows(tiny_shards) // 8  # full global batches of 8 crops
+    assert steps_per_epoch >= 5
+    assert output.metrics["steps"] == 2 * steps_per_epoch and output.outputs["resumed_from_steps"] == []
+    assert 0.0 <= output.metrics["ap"] <= 1.0 and output.metrics["ap"] >= output.metrics["val_AP"]
+    assert output.outputs["run"] == str(tmp_path / "ft-ddp")
 
     # the exported best model loads in the project's format
-    model = load_model(tmp_path / "ft-ddp" / "finetune_export")
+    assert output.outputs["checkpoint"] == str(tmp_path / "ft-ddp" / "finetune_export")
+    model = load_model(output.outputs["checkpoint"])
     assert model.config.img_size == (64, 48)
+    summary = {"step": int(output.metrics["steps"]), "mlflow_run_id": output.outputs["mlflow_run_id"]}
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'ft-ddp' / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["vitpose"], output_format="list")
@@ -68,9 +74,9 @@ def test_two_worker_finetune_tracks_to_mlflow_and_rerun_resumes(tiny_shards, tmp
     assert len(history) >= 1
 
     # same config + same storage: Train v2 hands back the last checkpoint, nothing is retrained
-    again = run_finetune(config, name="ft-ddp").return_value
-    assert again["step"] == summary["step"] and again["resumed_from"] == [summary["step"]]
-    assert again["mlflow_run_id"] == summary["mlflow_run_id"]
+    again = run_finetune(config, name="ft-ddp")
+    assert again.metrics["steps"] == summary["step"] and again.outputs["resumed_from_steps"] == [summary["step"]]
+    assert again.outputs["mlflow_run_id"] == summary["mlflow_run_id"]
 
 
 def test_fsdp_two_workers_validates_exports_and_resumes_on_cpu(tiny_shards, tmp_path):
@@ -78,10 +84,10 @@ def test_fsdp_two_workers_validates_exports_and_resumes_on_cpu(tiny_shards, tmp_
     export, and a resume that re-shards the saved full optimiser state."""
     import torch
 
-    from pipelines.train import read_train_state
+    from pipelines.training.loop import read_train_state
 
     overrides = {"scaling.strategy": "fsdp", "schedule.epochs": 1, "eval.num_visualized": 0}
-    first = run_finetune(finetune_config(tiny_shards, tmp_path, **overrides), name="ft-fsdp")
+    first = fit(FINETUNE, finetune_config(tiny_shards, tmp_path, **overrides), name="ft-fsdp")
     summary = first.return_value
     assert summary["epoch"] == 1 and summary["resumed_from"] == [] and "val_AP" in first.metrics
 
@@ -99,8 +105,8 @@ def test_fsdp_two_workers_validates_exports_and_resumes_on_cpu(tiny_shards, tmp_
     assert pos_embed.shape == exported.backbone.pos_embed.shape and pos_embed.abs().sum() > 0
 
     # a longer schedule on the same run: resumes at the saved step and trains the second epoch
-    second = run_finetune(finetune_config(tiny_shards, tmp_path, **{**overrides, "schedule.epochs": 2}),
-                          name="ft-fsdp").return_value
+    second = fit(FINETUNE, finetune_config(tiny_shards, tmp_path, **{**overrides, "schedule.epochs": 2}),
+                 name="ft-fsdp").return_value
     assert second["resumed_from"] == [summary["step"]] and second["epoch"] == 2
     assert second["step"] > summary["step"]
 
@@ -124,13 +130,13 @@ def test_worker_killed_with_sigkill_is_replaced_and_training_resumes(tiny_shards
     pid_dir.mkdir()
     outcome: dict = {}
 
-    def fit() -> None:
+    def train() -> None:
         try:
-            outcome["result"] = run_finetune(config, name="ft-kill", train_fn=_pid_recording_train_fn(str(pid_dir)))
+            outcome["result"] = fit(FINETUNE, config, name="ft-kill", train_fn=_pid_recording_train_fn(str(pid_dir)))
         except Exception as error:  # surfaced by the assertion below
             outcome["error"] = error
 
-    thread = threading.Thread(target=fit)
+    thread = threading.Thread(target=train)
     thread.start()
     run_dir = tmp_path / "ft-kill"
     deadline = time.time() + 240
@@ -161,11 +167,12 @@ def test_pretrain_runs_one_worker_and_exports_an_encoder_finetune_can_load(tiny_
         "checkpoint": {"storage_path": str(tmp_path), "name": "mae"},
         "tracking": {"enabled": False},
     })
-    result = run_pretrain(config)
-    assert result.return_value["step"] >= 7
+    output = run_pretrain(config)
+    assert output.metrics["steps"] == train_rows(tiny_shards) // 8
+    assert output.outputs["checkpoint"] == str(tmp_path / "mae" / "pretrain_export")
     encoder = tmp_path / "mae" / "pretrain_export"
     assert (encoder / "encoder.safetensors").exists()
-    from pipelines.finetune import build_finetune_model
+    from pipelines.finetune.run import build_finetune_model
     model = build_finetune_model(finetune_config(tiny_shards, tmp_path, **{"model.pretrained": str(encoder),
                                                                             "model.input_size": "[96, 128]"}))
     assert model.backbone.pos_embed.shape[1] == 8 * 6 + 1  # resized from the 4x3 pretraining grid

@@ -2,7 +2,8 @@
 
 The slow tests run real Ray Tune over the real finetune Train loop on tiny synthetic shards, with a
 real sqlite MLflow store: a 4-trial sweep (early stop, winner = best val AP, trials as children of the
-sweep run, champion registration), and a driver killed with SIGKILL mid-sweep, then restored.
+sweep run, no registration: the register stage alone registers), and a driver killed with SIGKILL
+mid-sweep, then restored.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pytest
 from conftest import make_synthetic_shards
 
 from pipelines.config import ConfigError, build_config, load_yaml
-from pipelines.tune import TuneConfig, trial_finetune_config, trial_overrides
+from pipelines.tune.config import TuneConfig, trial_finetune_config, trial_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "pipelines" / "configs"
@@ -27,7 +28,7 @@ CONFIGS = REPO / "pipelines" / "configs"
 
 @pytest.mark.parametrize("name", ["tune_tiny.yaml", "tune_sweep.yaml"])
 def test_shipped_tune_configs_load_and_every_axis_value_builds_a_finetune_config(name):
-    config = build_config(TuneConfig, {**load_yaml(CONFIGS / name)["tune"], "out": "/tmp/o", "shards": "/tmp/s"})
+    config = build_config(TuneConfig, {**load_yaml(CONFIGS / name), "out": "/tmp/o", "shards": "/tmp/s"})
     assert {"model.input_size", "attention", "optim.lr"} <= set(config.search_space)
     attention = config.search_space["attention"].grid
     trial = trial_finetune_config(config, {"model.input_size": [144, 192], "attention": attention[-1],
@@ -69,7 +70,9 @@ def finetuned_tiny(ray_local, tmp_path_factory) -> str:
     trial that ties the rung's cutoff; from a model that already finds people, learning rate,
     resolution and attention type separate the trials after one epoch, as in a real sweep.
     """
-    from pipelines.finetune import FinetuneConfig, run_finetune
+    from pipelines.finetune.config import FinetuneConfig
+    from pipelines.finetune.run import FINETUNE
+    from pipelines.training.trainer import fit
 
     root = tmp_path_factory.mktemp("tune_init")
     # ~10k crops of training (the sweep's 40-image shards give ~100 crops: far too few to leave AP 0)
@@ -81,13 +84,13 @@ def finetuned_tiny(ray_local, tmp_path_factory) -> str:
         "scaling": {"num_workers": 1, "cpus_per_worker": 0.5}, "eval": {"batch_size": 32, "num_visualized": 0},
         "checkpoint": {"storage_path": str(root), "name": "init"},
         "tracking": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "tune-init"}})
-    result = run_finetune(config).return_value
+    result = fit(FINETUNE, config).return_value
     assert result["best"] > 0.0, "the starting model learned nothing; the sweep could not separate trials"
     return str(root / "init" / "finetune_export")
 
 
 def tiny_tune_config(shards: str, out: Path, tracking_uri: str, **extra) -> TuneConfig:
-    data = {**load_yaml(CONFIGS / "tune_tiny.yaml")["tune"], "out": str(out), "shards": shards,
+    data = {**load_yaml(CONFIGS / "tune_tiny.yaml"), "out": str(out), "shards": shards,
             "tracking": {"tracking_uri": tracking_uri, "experiment": "vitpose"}, **extra}
     return build_config(TuneConfig, data)
 
@@ -97,10 +100,12 @@ def test_four_trial_sweep_stops_early_picks_the_best_and_nests_trials_in_mlflow(
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from pipelines.tune import run_tune
+    from pipelines.tune.run import run_tune
 
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    record = run_tune(tiny_tune_config(tune_shards, tmp_path / "tune", tracking_uri, pretrain_checkpoint=finetuned_tiny))
+    output = run_tune(tiny_tune_config(tune_shards, tmp_path / "tune", tracking_uri, pretrain_checkpoint=finetuned_tiny))
+    record = json.loads((tmp_path / "tune" / "winner.json").read_text())
+    assert output.outputs["checkpoint"] == record["checkpoint"] and output.metrics["ap"] == record["metrics"]["ap"]
     print(json.dumps([{k: t.get(k) for k in ("trial_id", "params", "curve", "epochs", "stopped_early")}
                       for t in record["trials"]], indent=1, default=str))
     trials = record["trials"]
@@ -109,33 +114,31 @@ def test_four_trial_sweep_stops_early_picks_the_best_and_nests_trials_in_mlflow(
     best = max(trials, key=lambda t: t["best_val_AP"])
     assert record["trial_id"] == best["trial_id"] and record["metrics"]["val_AP"] == best["best_val_AP"]
     assert Path(record["checkpoint"], "model.safetensors").is_file()
-    assert json.loads((tmp_path / "tune" / "winner.json").read_text())["trial_id"] == best["trial_id"]
 
     mlflow.set_tracking_uri(tracking_uri)
     children = mlflow.search_runs(experiment_names=["vitpose"], output_format="list",
                                   filter_string=f"tags.mlflow.parentRunId = '{record['sweep_run_id']}'")
     assert sorted(r.info.run_name for r in children) == sorted(f"trial-{t['trial_id']}" for t in trials)
     assert all("val_AP" in r.data.metrics and "optim.lr" in r.data.params for r in children)
-    # first registration: no champion yet, so the winner becomes it; the comparison is logged either way
-    assert record["registry"]["promoted"] and record["registry"]["champion_version_before"] is None
-    assert str(MlflowClient().get_model_version_by_alias("vitpose", "champion").version) == str(record["version"])
+    # the winner is a candidate for the register stage; tune itself registers nothing
+    assert MlflowClient(tracking_uri).search_registered_models() == []
     # trials ASHA stopped were killed mid-run; their runs are ended, not left RUNNING
     stopped = {f"trial-{t['trial_id']}" for t in trials if t["stopped_early"]}
     assert all(r.info.status == "FINISHED" and r.data.tags.get("vitpose.stopped_early")
                for r in children if r.info.run_name in stopped)
-    artifacts = {a.path for a in MlflowClient().list_artifacts(record["sweep_run_id"])}
-    assert {"trials.json", "winner.json", "champion_comparison.json"} <= artifacts
+    artifacts = {a.path for a in MlflowClient(tracking_uri).list_artifacts(record["sweep_run_id"])}
+    assert {"trials.json", "winner.json"} <= artifacts
 
 
 @pytest.mark.slow
 def test_killed_driver_is_restored_and_continues_the_same_experiment(tune_shards, tmp_path):
     import ray
 
-    from pipelines.tune import run_tune
+    from pipelines.tune.run import run_tune
 
     out = tmp_path / "tune"
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    overrides = ["--set", "registry.enabled=false", "--set", f"tracking.tracking_uri={tracking_uri}"]
+    overrides = ["--set", f"tracking.tracking_uri={tracking_uri}"]
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "disabled"}
     driver = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "tune", "--config", str(CONFIGS / "tune_tiny.yaml"),
                                "--shards", tune_shards, "--out", str(out), *overrides],
@@ -150,11 +153,13 @@ def test_killed_driver_is_restored_and_continues_the_same_experiment(tune_shards
     assert not (out / "winner.json").exists()
     sweep_before = json.loads((out / "sweep.json").read_text())
     checkpoints_before = {p.parent.name: p.name for p in (out / "trials").glob("train-*/checkpoint_*")}
+    assert checkpoints_before, "the driver was killed before any trial had a checkpoint: nothing to resume"
     experiment_dirs = list(out.glob("tune-tiny-*"))
     assert len(experiment_dirs) == 1
 
-    config = tiny_tune_config(tune_shards, out, tracking_uri, registry={"enabled": False})
-    record = run_tune(config)
+    config = tiny_tune_config(tune_shards, out, tracking_uri)
+    run_tune(config)
+    record = json.loads((out / "winner.json").read_text())
     # the same experiment and sweep run, the same four trials (not four new ones)
     assert list(out.glob("tune-tiny-*")) == experiment_dirs
     assert record["sweep_run_id"] == sweep_before["sweep_run_id"]

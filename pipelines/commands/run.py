@@ -66,15 +66,13 @@ def summary_lines(results: list[Any], config: Any, tracking_uri: str) -> list[st
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.pipeline import load_pipeline_config, resolve_tracking_uri, run_pipeline
+    from pipelines.pipeline import load_pipeline_config, run_pipeline
+    from pipelines.session import resolve_tracking_uri
 
     config = load_pipeline_config(args.config, args.overrides)
-    if config.ray.auth_mode and not os.environ.get("RAY_ADDRESS"):
-        # only for the private local cluster this process starts; a submitted job inherits the cluster's mode
-        os.environ.setdefault("RAY_AUTH_MODE", config.ray.auth_mode)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
     results = run_pipeline(config, stages=stages, start=args.start, force=args.force)
-    tracking_uri, _ = resolve_tracking_uri(config)
+    tracking_uri, _ = resolve_tracking_uri(config.mlflow.tracking_uri, config.workdir_uri)
     print("\n".join(summary_lines(results, config, tracking_uri)), flush=True)
 
     served = any(r.name == "serve" and r.state == "done" for r in results)

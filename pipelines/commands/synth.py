@@ -24,23 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def write_synthetic_dataset(out: str, config, split: str = "train") -> str:
-    """Write images and the COCO JSON under `out`; returns the annotation file's URI."""
-    from pipelines import storage
-    from vitpose_core.synthetic import coco_json, iter_dataset
-
-    images, annotations = [], []
-    for entry, jpeg, anns in iter_dataset(config):
-        storage.write_bytes(storage.join(out, "images", entry["file_name"]), jpeg)
-        images.append(entry)
-        annotations.extend(anns)
-    annotations_uri = storage.join(out, "annotations", f"person_keypoints_{split}.json")
-    storage.write_bytes(annotations_uri, coco_json(images, annotations, config))
-    return annotations_uri
-
-
 def run(args: argparse.Namespace) -> int:
     from pipelines import storage
+    from pipelines.shard.run import write_synthetic_dataset
     from vitpose_core.synthetic import SyntheticConfig
 
     config = SyntheticConfig(num_images=args.num_images, seed=args.seed, width=args.width, height=args.height,

@@ -124,3 +124,6 @@ class ServeConfig(StrictConfig):
     route_prefix: str = "/"
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    find_free_port: bool = Field(False, description="when `port` is taken (another Serve on the machine), use a "
+                                 "free one instead of failing (the embedded pipeline turns it on)")
+    startup_timeout_s: float = Field(180.0, gt=0, description="how long `vitpose run` waits for /healthz")

@@ -1,0 +1,50 @@
+"""`vitpose distill`: knowledge-token + output distillation of a trained ViTPose into a smaller student.
+
+    vitpose distill --config pipelines/configs/distill_tiny.yaml --shards DIR_OR_URI --out DIR_OR_URI
+                    [--teacher models:/vitpose@champion | runs:/... | CHECKPOINT_DIR] [--set KEY=VALUE]
+
+The config file is the distill stage's section (`pipelines.distill.config.DistillConfig`: the finetune
+sections, with `model` = the student, plus `teacher`, `student`, `distill`). Switches:
+`--set distill.knowledge_token=false`, `--set distill.output_weight=0`. Rerunning resumes both Train
+runs from their checkpoints. Prints the record (teacher, student checkpoint, val AP); `vitpose register`
+registers the student.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from pipelines.training.command import add_config_arguments
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("distill", help="knowledge-token distillation of a teacher into a small student",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser, default_config="distill_tiny.yaml")
+    parser.add_argument("--shards", help="shard stage output (local path or s3://)")
+    parser.add_argument("--out", help="output directory or s3:// prefix")
+    parser.add_argument("--teacher", help="models:/name@alias, models:/name/version, runs:/... or a checkpoint dir")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local one)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipelines.config import build_config
+    from pipelines.distill.config import DistillConfig
+    from pipelines.distill.run import run_distill
+    from pipelines.session import connect_ray
+    from pipelines.training.command import stage_section
+
+    data = stage_section(args)
+    for key in ("out", "teacher"):
+        if getattr(args, key):
+            data[key] = getattr(args, key)
+    if args.shards:
+        data.setdefault("data", {})["shards"] = args.shards
+    config = build_config(DistillConfig, data, source=args.config or "<command line>")
+    connect_ray(address=args.address)
+    output = run_distill(config)
+    print(json.dumps({"outputs": output.outputs, "metrics": output.metrics, "summary": output.summary},
+                     indent=1, default=str))
+    return 0

@@ -1,0 +1,24 @@
+"""The register stage's config: which candidates compete on which val set, and the name + alias the winner gets."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from pipelines.config import StrictConfig
+from pipelines.finetune.config import FinetuneConfig
+
+
+class RegisterConfig(StrictConfig):
+    model_name: str = "vitpose"
+    alias: str = "champion"
+    metric: Literal["ap"] = Field("ap", description="COCO AP, rescored for every candidate on the same val set")
+    candidates: tuple[str, ...] = Field(("finetune", "tune", "distill"),
+                                        description="stages whose checkpoints compete (in a pipeline file)")
+    checkpoints: dict[str, str] = Field({}, description="candidate name -> checkpoint URI; `vitpose run` fills "
+                                        "it from the candidate stages' records")
+    scoring: FinetuneConfig = Field(FinetuneConfig(), description="val set (data.shards) and eval settings that "
+                                    "score every candidate and the current champion; the model section is ignored "
+                                    "(each model is scored at its own input size)")
+    tracking_uri: str | None = Field(None, description="None: MLFLOW_TRACKING_URI, else the pipeline's store")

@@ -1,0 +1,123 @@
+"""The one place that connects to Ray and points MLflow at its tracking store.
+
+* `connect_ray` is the only `ray.init` in pipelines/: it joins the cluster of a `ray job submit` job
+  (RAY_ADDRESS, or an explicit address) or starts a private local cluster, and sets the auth mode and
+  the dashboard explicitly (Ray 2.60 turns token auth on for local clusters).
+* `resolve_tracking_uri` turns a configured URI (or MLFLOW_TRACKING_URI, or a SQLite file under the
+  workdir) into an absolute one, once, on the driver; `use_tracking_uri` is the only
+  `mlflow.set_tracking_uri` (for MLflow's fluent API in Train workers); `mlflow_client` builds a client
+  for an explicit URI, so nothing depends on a process-global default.
+* `own_placement_groups` / `release_placement_groups` free what a finished stage left reserved.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from pipelines import storage
+
+logger = logging.getLogger(__name__)
+
+
+def connect_ray(*, address: str | None = None, num_cpus: int | None = None, include_dashboard: bool = False,
+                log_to_driver: bool = False, auth_mode: str | None = None) -> str:
+    """Join a cluster (`address`, else RAY_ADDRESS) or start a private local one; returns where.
+
+    `num_cpus`, `include_dashboard` and `auth_mode` apply to a local cluster only: a joined cluster
+    decides its own. The local default is token auth off, since the private cluster binds 127.0.0.1 and
+    lives as long as the command (an explicit RAY_AUTH_MODE in the environment wins).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return "existing"
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        kwargs: dict[str, Any] = {"address": address, "log_to_driver": True}
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", auth_mode or "disabled")
+        kwargs = {"num_cpus": num_cpus, "include_dashboard": include_dashboard, "log_to_driver": log_to_driver}
+    # Ray Data's per-operator bars redraw with carriage returns (a flood in job logs); the pipeline draws its
+    # own per-stage bars
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    ray.init(configure_logging=False, **kwargs)
+    if address:
+        return address
+    return f"local ({ray.get_runtime_context().gcs_address}, {int(ray.cluster_resources().get('CPU', 0))} CPUs)"
+
+
+def resolve_tracking_uri(configured: str | None, workdir: str) -> tuple[str, str | None]:
+    """(absolute tracking URI, artifact location for a new experiment, or None for the server's default).
+
+    `configured`, else MLFLOW_TRACKING_URI, else `sqlite:///<workdir>/mlflow.db` with artifacts in
+    `<workdir>/mlartifacts`. A relative SQLite path is pinned to the driver's cwd now, before any Ray
+    worker chdirs into its run directory. A workdir on S3 needs a tracking server: a SQLite file on one
+    node is invisible to the others.
+    """
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        if storage.is_s3(workdir):
+            raise ValueError(f"the workdir {workdir} is on S3 but no MLflow tracking server is set: give "
+                             "mlflow.tracking_uri or MLFLOW_TRACKING_URI (a SQLite file cannot be shared between nodes)")
+        local = Path(storage.normalize(workdir)).resolve()
+        local.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{local / 'mlflow.db'}", (local / "mlartifacts").as_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    return uri, None
+
+
+def use_tracking_uri(uri: str) -> None:
+    """Point MLflow's fluent API (`mlflow.start_run`, `log_*`) of this process at `uri`."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+
+
+def mlflow_client(uri: str) -> Any:
+    """An MlflowClient for `uri` (tracking and registry on the same store)."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def experiment_id(client: Any, name: str, artifact_location: str | None = None) -> str:
+    """The id of experiment `name`, created (with `artifact_location`) when missing."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException:  # created concurrently by another stage or trial
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def own_placement_groups() -> set[str]:
+    """Ids of this job's placement groups that still hold resources (job id = the id's last 4 bytes)."""
+    import ray
+
+    job = ray.get_runtime_context().get_job_id()
+    return {pg_id for pg_id, info in ray.util.placement_group_table().items()
+            if pg_id.endswith(job) and info["state"] != "REMOVED"}
+
+
+def release_placement_groups(before: set[str]) -> None:
+    """Remove the placement groups a finished stage left behind.
+
+    Tune trials that ASHA stops (and finished trials) leave their Train run's placement group reserved
+    in Ray 2.60: Train's PlacementGroupCleaner asks the state API, which needs a dashboard and a unique
+    cluster address, and without them it dies. On 2 cores the two leaked 0.45-CPU groups starved the
+    next stage's Ray Data reads forever. Stages run one after another and hand over only records, so
+    nothing a stage created may outlive it; only this job's groups are touched.
+    """
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    for pg_id in sorted(own_placement_groups() - before):
+        logger.info("removing placement group %s left behind by the stage", pg_id)
+        remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(pg_id)))

@@ -1,0 +1,92 @@
+"""A training recipe + its config -> a fault-tolerant Ray Train run (``TorchTrainer``).
+
+``build_trainer(recipe, config)`` sets ``ScalingConfig`` (workers, CPUs/GPUs per worker) and
+``RunConfig(name, storage_path)``; the name is deterministic (the config's hash unless given), so
+rerunning the same config on the same storage *resumes* (Train v2 reads the latest checkpoint back),
+and ``FailureConfig(max_failures)`` restarts a killed worker group from the last checkpoint. Tune
+wraps the same builder: ``build_trainer(..., name=f"train-{trial_id}", callbacks=[TuneReportCallback()])``
+inside a function trainable.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pipelines import storage
+from pipelines.tracking import forwarded_env, resolve_tracking
+from pipelines.training.loop import LoopConfig, train_fn_per_worker
+from pipelines.training.recipe import TrainingRecipe, check_schedule, run_name, train_rows
+from pipelines.training.sections import ScalingSection
+
+logger = logging.getLogger(__name__)
+
+
+def check_resources(scaling: ScalingSection) -> None:
+    """Fail fast on the Train/Data CPU deadlock of RAY_NOTES 1.3: leave a whole CPU for Ray Data's tasks."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 0)
+    needed = scaling.num_workers * scaling.cpus_per_worker
+    if cpus and needed > cpus - 1:
+        raise ValueError(f"scaling asks {needed:g} CPUs for Train workers but the cluster has {cpus:g}; leave >= 1 "
+                         "CPU free for Ray Data (lower scaling.cpus_per_worker or num_workers)")
+
+
+def worker_resources(scaling: ScalingSection) -> dict[str, float]:
+    """What each Train worker reserves: CPUs, GPUs when used, and the node-type resources it is pinned to."""
+    resources = {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
+    return {**resources, **scaling.node_resources}
+
+
+def build_trainer(recipe: TrainingRecipe, config: Any, *, name: str | None = None, callbacks: list | None = None,
+                  train_fn: Callable[[dict], Any] | None = None):
+    """The ``TorchTrainer`` of a training run.
+
+    Args:
+        name: Ray run name; default deterministic from the config, so reruns resume.
+        callbacks: ``ray.train.UserCallback`` instances (e.g. Tune's ``TuneReportCallback``).
+        train_fn: the per-worker function (default ``train_fn_per_worker``); tests wrap it.
+    """
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.data import read_shards
+
+    if not config.data.shards:
+        raise ValueError(f"{recipe.name}: data.shards is not set (the shard stage's output URI)")
+    rows = train_rows(config.data.shards)
+    check_schedule(recipe.name, config, rows)
+    check_resources(config.scaling)
+    name = name or run_name(recipe, config)
+    storage_path = storage.normalize(config.checkpoint.storage_path)
+    if not storage.is_s3(storage_path):
+        storage_path = str(Path(storage_path).resolve())  # Ray needs an absolute local path
+    output = storage.join(storage_path, name)
+    setup = LoopConfig(recipe=recipe, config=config, tracking=resolve_tracking(config.tracking, output),
+                       output=output, train_rows=rows)
+    scaling = config.scaling
+    return TorchTrainer(
+        train_fn or train_fn_per_worker,
+        train_loop_config={"setup": setup},
+        scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                               resources_per_worker=worker_resources(scaling)),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage_path, callbacks=callbacks,
+            failure_config=ray.train.FailureConfig(max_failures=config.checkpoint.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.num_to_keep),
+            worker_runtime_env={"env_vars": forwarded_env()},
+        ),
+        datasets={"train": read_shards(config.data.shards, split="train")},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        torch_config=TorchConfig(backend=None, timeout_s=1800),  # None: nccl on GPU, gloo on CPU
+    )
+
+
+def fit(recipe: TrainingRecipe, config: Any, **trainer_kwargs: Any):
+    """Run (or resume) a training run to the end; returns the Ray ``Result``."""
+    result = build_trainer(recipe, config, **trainer_kwargs).fit()
+    logger.info("%s finished: %s", recipe.name, result.metrics)
+    return result
