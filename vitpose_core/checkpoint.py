@@ -6,10 +6,17 @@ free-form ``metadata`` such as the training run, dataset and metrics).
 
 Official format: ``{'state_dict': {'backbone.*': ..., 'keypoint_head.*': ...}}`` read with
 ``torch.load(weights_only=True)``; our module names equal the official ones, so keys map 1:1.
-Multi-dataset files (ViTPose+) carry ``associate_keypoint_heads.*`` and some carry
-``backbone.cls_token``: those are skipped with a warning. Any other key that is missing, unexpected
-or mis-shaped is an error that names it -- except ``backbone.pos_embed``, which is resized
-bicubically when the checkpoint was trained at another resolution.
+Multi-dataset files (ViTPose+: ``associate_keypoint_heads.*`` decoders, ``mlp.experts.N`` MoE
+experts) load as multi-dataset models with every decoder; the per-dataset files of the official
+model_split tool load as single-dataset models. ``backbone.cls_token`` (unused) is skipped with a
+warning, as are decoders/experts a single-dataset model has no place for. Any other key that is
+missing, unexpected or mis-shaped is an error that names it -- except ``backbone.pos_embed``, which
+is resized bicubically when the checkpoint was trained at another resolution.
+
+Hugging Face ``VitPoseForPoseEstimation`` directories load too (``vitpose_core.interop``).
+Official and HF files do not name their keypoints: the set comes from ``keypoint_set=``, the file
+name (``ap10k.pth``), the official ViTPose+ dataset order, or the keypoint count -- the last with a
+warning, so a 17-keypoint animal model is never labelled COCO without a word.
 """
 
 from __future__ import annotations
@@ -26,14 +33,21 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from vitpose_core.errors import InvalidInputError
-from vitpose_core.models.vitpose import VARIANTS, ViTPose, ViTPoseConfig, build_model_from_config
+from vitpose_core.interop import is_hf_directory, read_hf_directory
+from vitpose_core.keypoints import KEYPOINT_SETS, KeypointSet, KeypointSetError, get_keypoint_set
+from vitpose_core.models.vitpose import (
+    VARIANTS,
+    ViTPose,
+    ViTPoseConfig,
+    build_model_from_config,
+    split_dataset_model,
+)
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 FORMAT_VERSION = 1
-SKIPPED_OFFICIAL_PREFIXES = ("backbone.cls_token", "associate_keypoint_heads.")
 
 
 class CheckpointError(InvalidInputError):
@@ -61,13 +75,16 @@ def save_checkpoint(model: nn.Module, path: str | Path, metadata: dict[str, Any]
     config_json = config.model_dump(mode="json")
     save_file(state, str(out_dir / WEIGHTS_NAME), metadata={"vitpose_config": json.dumps(config_json),
                                                              "format_version": str(FORMAT_VERSION)})
-    record = {"format_version": FORMAT_VERSION, "model": config_json, "metadata": metadata or {}}
+    # the full keypoint sets (names, flips, skeleton, sigmas) travel with the weights, one per decoder
+    record = {"format_version": FORMAT_VERSION, "model": config_json, "metadata": metadata or {},
+              "datasets": config.dataset_names,
+              "keypoint_sets": [keypoint_set.to_dict() for keypoint_set in config.dataset_keypoint_sets()]}
     (out_dir / CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=True))
     return out_dir
 
 
 def _own_format_paths(path: Path) -> tuple[Path, Path | None] | None:
-    if path.is_dir() and (path / WEIGHTS_NAME).exists():
+    if path.is_dir() and (path / WEIGHTS_NAME).exists() and not is_hf_directory(path):
         return path / WEIGHTS_NAME, path / CONFIG_NAME
     if path.is_file() and path.suffix == ".safetensors":
         sibling = path.parent / CONFIG_NAME
@@ -164,11 +181,18 @@ def load_state_dict_into(model: nn.Module, state: dict[str, torch.Tensor], sourc
     """
     model = unwrap_model(model)
     state = dict(state)
-    skipped = [k for k in state if k.startswith(SKIPPED_OFFICIAL_PREFIXES)]
+    # what the model has no place for: the unused cls token always; extra decoders and MoE experts
+    # when the model is single-dataset / plain (official multi-dataset files, model_split leftovers)
+    config = getattr(model, "config", None)
+    skippable = ["backbone.cls_token"]
+    if len(getattr(config, "datasets", ())) < 2:
+        skippable.append("associate_keypoint_heads.")
+    skipped = [k for k in state if k.startswith(tuple(skippable))
+               or (".mlp.experts." in k and not getattr(config, "num_experts", 0))]
     for key in skipped:
         del state[key]
     if skipped:
-        logger.warning("%s: skipped %d keys not used by single-dataset ViTPose: %s%s", source, len(skipped),
+        logger.warning("%s: skipped %d keys this model has no place for: %s%s", source, len(skipped),
                        ", ".join(skipped[:4]), " ..." if len(skipped) > 4 else "")
 
     expected = model.state_dict()
@@ -216,50 +240,233 @@ def load_checkpoint(model: nn.Module, path: str | Path, assign: bool = False) ->
     return model
 
 
-def infer_official_config(state: dict[str, torch.Tensor], **overrides: Any) -> ViTPoseConfig:
-    """Rebuild the config of an official checkpoint from its tensor shapes."""
-    try:
-        embed_dim = state["backbone.patch_embed.proj.weight"].shape[0]
-        final = state["keypoint_head.final_layer.weight"]
-    except KeyError as error:
-        raise CheckpointError(f"not a ViTPose checkpoint: no {error.args[0]}") from None
+# The six datasets of the official ViTPose+ checkpoints, in decoder order (keypoint_head, then
+# associate_keypoint_heads.0..4; expert i serves dataset i), as the official model_split names them.
+# APT-36K uses AP-10K's 17 animal keypoints.
+OFFICIAL_PLUS_DATASETS: tuple[tuple[str, str], ...] = (
+    ("coco", "coco"), ("aic", "aic"), ("mpii", "mpii"), ("ap10k", "ap10k"), ("apt36k", "ap10k"),
+    ("wholebody", "coco_wholebody"),
+)
+# a keypoint count alone says this much (17 is COCO, AP-10K, PoseTrack18...: hence the warning)
+_SET_BY_COUNT = {17: "coco", 14: "aic", 16: "mpii", 133: "coco_wholebody"}
+_NAME_HINTS = {"wholebody": "coco_wholebody", "apt36k": "ap10k", **{name: name for name in KEYPOINT_SETS}}
+
+EXPECTED_FORMATS = (
+    "own format: a directory with config.json ('model' section) + model.safetensors, or the .safetensors file",
+    "Hugging Face VitPoseForPoseEstimation: a directory with config.json (model_type 'vitpose') + "
+    "model.safetensors",
+    "official ViTPose / ViTPose+ (mmpose) .pth: a state_dict with backbone.* and keypoint_head.* tensors "
+    "(ViTPose+ also associate_keypoint_heads.* and mlp.experts.*), or a per-dataset file of model_split",
+)
+
+
+def _unknown_format(path: Path, found: str) -> CheckpointError:
+    expected = "; ".join(f"({i + 1}) {text}" for i, text in enumerate(EXPECTED_FORMATS))
+    return CheckpointError(f"{path}: unknown checkpoint format. Expected one of: {expected}. Found: {found}")
+
+
+def checkpoint_format(path: str | Path) -> str:
+    """'own', 'hf' or 'official'; CheckpointError saying what was expected and found otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        if is_hf_directory(path):
+            return "hf"
+        if (path / WEIGHTS_NAME).exists():
+            return "own"
+        names = sorted(p.name for p in path.iterdir())
+        found = f"a directory holding {names[:10]}{' ...' if len(names) > 10 else ''}"
+        config_file = path / CONFIG_NAME
+        if config_file.is_file():
+            try:
+                record = json.loads(config_file.read_bytes())
+                if isinstance(record, dict) and "model_type" in record:
+                    found += f" whose config.json has model_type {record['model_type']!r}"
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                found += " whose config.json is not valid JSON"
+        raise _unknown_format(path, found)
+    return "own" if path.suffix == ".safetensors" else "official"
+
+
+def _name_hint(source: str) -> KeypointSet | None:
+    """A built-in set named in the file name ('ap10k.pth', 'vitpose+_b_wholebody.pth'), longest name first."""
+    stem = Path(source).stem.lower().replace("-", "").replace("_", "")
+    for hint in sorted(_NAME_HINTS, key=len, reverse=True):
+        if hint.replace("_", "") in stem:
+            return KEYPOINT_SETS[_NAME_HINTS[hint]]
+    return None
+
+
+def _set_for_count(num_keypoints: int, source: str, what: str) -> KeypointSet:
+    name = _SET_BY_COUNT.get(num_keypoints)
+    if name is None:
+        raise CheckpointError(f"{source}: {what} predicts {num_keypoints} keypoints, which no built-in keypoint set "
+                              f"has without a name; pass keypoint_set= (a built-in name or a KeypointSet)")
+    logger.warning("%s: %s does not name its keypoints; assuming the %r set by its count (%d). Pass keypoint_set= "
+                   "if it is another one (e.g. ap10k, posetrack18)", source, what, name, num_keypoints)
+    return KEYPOINT_SETS[name]
+
+
+def _head_decoder(state: dict[str, torch.Tensor], prefix: str) -> tuple[str, int, int]:
+    """(decoder type, channels, keypoints) of the decoder under ``prefix``."""
+    final = state[f"{prefix}final_layer.weight"]
+    classic = f"{prefix}deconv_layers.0.weight" in state
+    return ("classic" if classic else "simple"), int(final.shape[1]), int(final.shape[0])
+
+
+def infer_official_config(state: dict[str, torch.Tensor], keypoint_set: KeypointSet | str | None = None,
+                          source: str = "checkpoint", **overrides: Any) -> ViTPoseConfig:
+    """Rebuild the config of an official ViTPose / ViTPose+ checkpoint from its tensor shapes.
+
+    ViTPose+ (``associate_keypoint_heads.*``) becomes a multi-dataset config with every decoder;
+    MoE experts (``mlp.experts.N``) whose ``mlp.fc2`` lacks their rows make it a MoE config. A
+    model_split file (``fc2`` already holds an expert) is a plain single-dataset model.
+    """
+    required = ("backbone.patch_embed.proj.weight", "backbone.pos_embed", "backbone.blocks.0.mlp.fc1.weight",
+                "keypoint_head.final_layer.weight")
+    absent = [key for key in required if key not in state]
+    if absent:
+        keys = sorted(state)
+        found = f"a state_dict without {absent[0]}; its first keys: {keys[:6]}{' ...' if len(keys) > 6 else ''}"
+        raise _unknown_format(Path(source), found)
+    embed_dim = state["backbone.patch_embed.proj.weight"].shape[0]
     depth = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("backbone.blocks."))
     variant = next((name for name, spec in VARIANTS.items() if (spec.embed_dim, spec.depth) == (embed_dim, depth)),
                    None)
     if variant is None:
-        raise CheckpointError(f"no known variant has width {embed_dim} and depth {depth}")
+        raise CheckpointError(f"{source}: no known variant has width {embed_dim} and depth {depth}")
     spec = VARIANTS[variant]
-    num_keypoints = final.shape[0]
-    keypoint_set = {17: "coco", 14: "aic"}.get(num_keypoints)
-    if keypoint_set is None:
-        raise CheckpointError(f"no known keypoint set has {num_keypoints} keypoints")
-    grid_h, grid_w = _guess_grid(state["backbone.pos_embed"].shape[1] - 1)
+    fc2_rows = state["backbone.blocks.0.mlp.fc2.weight"].shape[0]
+    experts = sorted({int(k.split(".")[5]) for k in state if k.startswith("backbone.blocks.0.mlp.experts.")
+                      and k.endswith(".weight")})
+    num_experts = part_features = 0
+    if fc2_rows != embed_dim:
+        if not experts:
+            raise CheckpointError(f"{source}: mlp.fc2 has {fc2_rows} output rows for width {embed_dim} and there are "
+                                  "no mlp.experts.* to complete them")
+        num_experts = len(experts)
+        part_features = int(state["backbone.blocks.0.mlp.experts.0.weight"].shape[0])
+        if fc2_rows + part_features != embed_dim:
+            raise CheckpointError(f"{source}: mlp.fc2 rows {fc2_rows} + expert rows {part_features} != width "
+                                  f"{embed_dim}")
+    associate = sorted({int(k.split(".")[1]) for k in state if k.startswith("associate_keypoint_heads.")})
+    split_leftovers = bool(experts) and not num_experts  # model_split's coco.pth keeps the heads and experts
+    decoder, channels, num_keypoints = _head_decoder(state, "keypoint_head.")
     fields: dict[str, Any] = dict(
         variant=variant, embed_dim=embed_dim, depth=depth, num_heads=spec.num_heads,
-        mlp_hidden_dim=state["backbone.blocks.0.mlp.fc1.weight"].shape[0],
-        decoder="classic" if "keypoint_head.deconv_layers.0.weight" in state else "simple",
-        decoder_channels=final.shape[1] if final.shape[-1] == 1 else spec.decoder_channels,
-        num_keypoints=num_keypoints, keypoint_set=keypoint_set, img_size=(grid_h * 16, grid_w * 16),
+        mlp_hidden_dim=state["backbone.blocks.0.mlp.fc1.weight"].shape[0], decoder=decoder,
+        decoder_channels=channels if decoder == "classic" else spec.decoder_channels,
+        num_experts=num_experts, part_features=part_features,
     )
+    if associate and not split_leftovers:
+        if keypoint_set is not None:
+            raise CheckpointError(f"{source} has {1 + len(associate)} decoders; keypoint_set= names one set only. "
+                                  "Load it whole (the official ViTPose+ datasets are recognised) or pass dataset=")
+        datasets = []
+        for index, prefix in enumerate(["keypoint_head."] + [f"associate_keypoint_heads.{i}." for i in associate]):
+            head_decoder, head_channels, count = _head_decoder(state, prefix)
+            if (head_decoder, head_channels) != (decoder, channels):
+                raise CheckpointError(f"{source}: decoder {prefix.rstrip('.')} is a {head_decoder} decoder with "
+                                      f"{head_channels} channels, unlike keypoint_head ({decoder}, {channels})")
+            if index < len(OFFICIAL_PLUS_DATASETS) and KEYPOINT_SETS[OFFICIAL_PLUS_DATASETS[index][1]].num_keypoints == count:
+                name, set_name = OFFICIAL_PLUS_DATASETS[index]
+                datasets.append({"name": name, "keypoint_set": set_name})
+            else:
+                chosen = _set_for_count(count, source, f"decoder {prefix.rstrip('.')}")
+                datasets.append({"name": f"dataset{index}", "keypoint_set": chosen.name})
+        fields["datasets"] = datasets
+    else:
+        if keypoint_set is not None:
+            try:
+                chosen = get_keypoint_set(keypoint_set) if isinstance(keypoint_set, str) else keypoint_set
+            except KeypointSetError as error:
+                raise CheckpointError(f"{source}: {error}") from None
+            if chosen.num_keypoints != num_keypoints:
+                raise CheckpointError(f"{source}: the decoder predicts {num_keypoints} keypoints but keypoint set "
+                                      f"{chosen.name!r} has {chosen.num_keypoints}")
+        else:
+            hint = _name_hint(source)
+            if hint is not None and hint.num_keypoints == num_keypoints:
+                chosen = hint
+                logger.info("%s: keypoint set %r taken from the file name", source, chosen.name)
+            else:
+                chosen = _set_for_count(num_keypoints, source, "the decoder")
+        fields.update(keypoint_set=chosen, num_keypoints=num_keypoints)
+    grid_h, grid_w = _guess_grid(state["backbone.pos_embed"].shape[1] - 1)
+    fields["img_size"] = (grid_h * 16, grid_w * 16)
     fields.update(overrides)
     return ViTPoseConfig(**fields)
 
 
-def load_model(path: str | Path, **overrides: Any) -> ViTPose:
-    """Build and load a model from a checkpoint of either format, in eval mode.
+def _with_overrides(config: ViTPoseConfig, overrides: dict[str, Any]) -> ViTPoseConfig:
+    if not overrides:
+        return config
+    fields = config.model_dump()
+    if "keypoint_set" in overrides:  # a new set replaces the recorded one and its count
+        fields.pop("keypoints", None)
+        fields.pop("num_keypoints", None)
+    return ViTPoseConfig(**{**fields, **overrides})
 
-    ``overrides`` change config fields (e.g. ``img_size=(384, 288)`` or ``attention="window"``);
-    the weights still load strictly, with pos_embed resized if the grid changes.
+
+def read_checkpoint_keypoint_sets(path: str | Path, keypoint_set: KeypointSet | str | None = None
+                                  ) -> dict[str, KeypointSet]:
+    """dataset name -> keypoint set of every decoder of a checkpoint of any supported format."""
+    path = Path(path)
+    fmt = checkpoint_format(path)
+    if fmt == "hf":
+        config, _ = read_hf_directory(path, keypoint_set)
+    elif fmt == "own":
+        config, _ = read_checkpoint_config(path)
+        assert config is not None
+    else:
+        config = infer_official_config(read_state_dict(path), keypoint_set=keypoint_set, source=str(path))
+    return dict(zip(config.dataset_names, config.dataset_keypoint_sets(), strict=True))
+
+
+def load_model(path: str | Path, dataset: int | str | None = None, keypoint_set: KeypointSet | str | None = None,
+               **overrides: Any) -> ViTPose:
+    """Build and load a model from a checkpoint of any supported format, in eval mode.
+
+    Formats: own (directory or .safetensors), Hugging Face ``VitPoseForPoseEstimation`` directory,
+    official ViTPose / ViTPose+ ``.pth`` (see ``EXPECTED_FORMATS``). ``model.config`` carries the
+    keypoint set(s): ``model.config.dataset_keypoint_sets()``.
+
+    ``dataset`` (name or index) exports that dataset's single-dataset model from a multi-dataset /
+    MoE checkpoint (the official model_split). ``keypoint_set`` names the set of an official or HF
+    file that does not say it (an own-format checkpoint records its own). ``overrides`` change config
+    fields (e.g. ``img_size=(384, 288)`` or ``attention="window"``); the weights still load
+    strictly, with pos_embed resized if the grid changes.
     """
     path = Path(path)
-    config, _ = read_checkpoint_config(path)
-    if config is None:
+    fmt = checkpoint_format(path)
+    source_grid = None
+    if fmt == "hf":
+        config, state = read_hf_directory(path, keypoint_set)
+        from vitpose_core.models.vit import token_grid_size
+
+        source_grid = token_grid_size(config.img_size, config.patch_size, config.patch_padding)
+        config = _with_overrides(config, overrides)
+    elif fmt == "own":
+        config, _ = read_checkpoint_config(path)
+        if config is None:  # a directory the format check took for ours
+            raise _unknown_format(path, "no usable own-format config")
+        if keypoint_set is not None:
+            wanted = get_keypoint_set(keypoint_set) if isinstance(keypoint_set, str) else keypoint_set
+            if not wanted.same_layout(config.keypoint_set_data):
+                raise CheckpointError(f"{path} records keypoint set {config.keypoint_set!r}, not {wanted.name!r}")
+        config = _with_overrides(config, overrides)
+        state = None
+    else:
         state = read_state_dict(path)
-        config = infer_official_config(state, **overrides)
-    elif overrides:
-        config = ViTPoseConfig(**{**config.model_dump(), **overrides})
+        config = infer_official_config(state, keypoint_set=keypoint_set, source=str(path), **overrides)
     # build without allocating or initialising weights: the checkpoint supplies every tensor
     with torch.device("meta"):
         model = build_model_from_config(config)
-    load_checkpoint(model, path, assign=True)
+    if state is None:
+        load_checkpoint(model, path, assign=True)
+    else:
+        load_state_dict_into(model, state, source=str(path), source_grid=source_grid, assign=True)
+    if dataset is not None:
+        model = split_dataset_model(model, dataset)
     return model.eval()
