@@ -76,11 +76,20 @@ def run(args: argparse.Namespace) -> int:
     from vitpose_core.keypoints import get_keypoint_set
     from vitpose_core.visualize import draw_poses
     if args.url:  # the service decides flip test and dtype; boxes None -> its detector / whole image
-        from pipelines.serve.client import PoseClient
+        import requests
+
+        from pipelines.serve.client import PoseClient, PoseClientError
 
         client = PoseClient(args.url)
-        response = client.predict(args.image, boxes=boxes)
-        keypoint_set = get_keypoint_set(client.model_info()["keypoint_set"])
+        try:
+            response = client.predict(args.image, boxes=boxes)
+            keypoint_set = get_keypoint_set(client.model_info()["keypoint_set"])
+        except requests.ConnectionError as error:
+            raise InvalidInputError(f"cannot reach the pose service at {args.url}: {type(error).__name__}") from None
+        except requests.Timeout:
+            raise InvalidInputError(f"the pose service at {args.url} did not answer in time") from None
+        except PoseClientError as error:  # the service refused the request (4xx) or is overloaded (503)
+            raise InvalidInputError(f"the pose service at {args.url} answered {error}") from None
         boxes = np.array([p["box"] for p in response["persons"]]).reshape(-1, 4)
         keypoints = np.array([p["keypoints"] for p in response["persons"]]).reshape(len(boxes), -1, 3)
         model_name = f"{response['model']}:{response['version']}"
