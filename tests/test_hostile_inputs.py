@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import socket
 import struct
@@ -455,6 +456,39 @@ def test_missing_bucket_is_an_error_not_a_missing_file(s3_server, s3_env):
         storage.read_bytes("s3://no-such-bucket-x/a.json")
     with pytest.raises(FileNotFoundError, match="no such file: s3://vitpose-test/missing/a.json"):
         storage.read_bytes("s3://vitpose-test/missing/a.json")
+
+
+@pytest.fixture(scope="module")
+def moto_with_auth():
+    """A real moto server (its own process) that checks credentials (INITIAL_NO_AUTH_ACTION_COUNT=0)."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_bad_credentials_are_a_storage_error_naming_the_uri(s3_env, moto_with_auth):
+    from pipelines import storage
+
+    s3_env(moto_with_auth)  # keys "testing", unknown to an endpoint that checks them
+    for operation in (lambda: storage.read_bytes("s3://b1/raw/a.json"), lambda: storage.exists("s3://b1/raw/a.json"),
+                      lambda: storage.list_files("s3://b1/raw")):
+        with pytest.raises(StorageError, match=r"s3://b1/raw.*: access denied \(check AWS_ACCESS_KEY_ID"):
+            operation()
 
 
 def test_shard_with_annotations_on_a_dead_endpoint_exits_2(s3_env, stopped_moto, tmp_path, capsys, ray_local):
