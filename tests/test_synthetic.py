@@ -95,3 +95,39 @@ def test_coco_json_loads_and_scores_perfectly_against_itself(tmp_path, dataset):
 def test_bad_config_is_rejected():
     with pytest.raises(ValueError, match="min_people"):
         SyntheticConfig(min_people=3, max_people=2)
+
+
+@pytest.mark.parametrize("layout", ["aic", "mpii"])
+def test_other_layouts_label_the_same_people_in_their_keypoint_set(dataset, layout):
+    """AIC-14 / MPII-16 people (the second layout multi-dataset training needs): same images, same
+    joints where the names agree, the set's extra points where they belong, valid COCO ground truth."""
+    from vitpose_core.evaluation import evaluate_keypoints, load_ground_truth
+    from vitpose_core.keypoints import get_keypoint_set
+
+    keypoint_set = get_keypoint_set(layout)
+    config = SyntheticConfig(num_images=40, seed=3, layout=layout)
+    other = list(iter_dataset(config, stop=10))
+    images, annotations = [], []
+    for (entry, jpeg, anns), (_, coco_jpeg, coco_anns) in zip(other, dataset[:10], strict=True):
+        assert jpeg == coco_jpeg  # the layout changes labels, not pixels
+        for ann, coco_ann in zip(anns, coco_anns, strict=True):
+            kp = np.asarray(ann["keypoints"]).reshape(keypoint_set.num_keypoints, 3)
+            coco_kp = np.asarray(coco_ann["keypoints"]).reshape(COCO.num_keypoints, 3)
+            for name in set(keypoint_set.names) & set(COCO.names):
+                np.testing.assert_array_equal(kp[keypoint_set.names.index(name)], coco_kp[COCO.names.index(name)])
+            top, neck = keypoint_set.names.index("head_top"), keypoint_set.names.index(
+                "neck" if layout == "aic" else "thorax")
+            shoulders = coco_kp[[COCO.names.index("left_shoulder"), COCO.names.index("right_shoulder")]]
+            if kp[top, 2] and kp[neck, 2] and shoulders[:, 2].all():
+                assert kp[top, 1] < kp[neck, 1]  # the head top is above the neck (people stand upright)
+                np.testing.assert_allclose(kp[neck, :2], shoulders[:, :2].mean(axis=0), atol=0.02)
+        images.append(entry)
+        annotations += anns
+    document = json.loads(coco_json(images, annotations, config))
+    assert document["categories"][0]["keypoints"] == list(keypoint_set.names)
+    results = [{"image_id": a["image_id"], "keypoints": a["keypoints"], "score": 1.0}
+               for a in annotations if a["num_keypoints"]]
+    metrics = evaluate_keypoints(load_ground_truth(document), results, keypoint_set.sigmas_array())
+    assert metrics["AP"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="unknown synthetic layout"):
+        SyntheticConfig(layout="horse")

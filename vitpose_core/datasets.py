@@ -1,4 +1,4 @@
-"""COCO and AI Challenger keypoint annotations -> one per-person record schema, with skip reasons.
+"""COCO-format, AI Challenger and MPII keypoint annotations -> one per-person record schema, with skip reasons.
 
 Both formats are parsed into plain, JSON-serialisable dicts (so they can travel to Ray tasks):
 
@@ -11,11 +11,16 @@ Both formats are parsed into plain, JSON-serialisable dicts (so they can travel 
 
 Supported layouts:
 
-- COCO person_keypoints (`{"images", "annotations", "categories"}`), also used by mmpose's
-  COCO-style conversion of AIC (14 keypoints, no `area` / `iscrowd`).
+- COCO person_keypoints (`{"images", "annotations", "categories"}`) of any keypoint set: the set
+  is the file's category (`vitpose_core.keypoints.keypoint_set_from_coco`) unless one is given.
+  mmpose's COCO-style AIC, CrowdPose, OCHuman, AP-10K and PoseTrack18 files are of this kind.
 - Raw AI Challenger (a list of `{"image_id", "keypoint_annotations", "human_annotations"}`), with
   boxes as corners [x1, y1, x2, y2] and visibility 1 visible / 2 occluded / 3 unlabelled, which is
   remapped to COCO's 2 / 1 / 0 exactly as mmpose's conversion does.
+- MPII in the HRNet/mmpose list layout (`[{"image", "center", "scale", "joints", "joints_vis"}]`),
+  converted by `mpii_to_coco`: one image per file name, box = the square of side 200 * scale
+  centred on `center` (MPII's `scale` is the person height / 200 px; HRNet crops this square), joints
+  with `joints_vis` 1 become visibility 2 (MPII does not mark occlusion), others 0.
 """
 
 from __future__ import annotations
@@ -25,7 +30,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from vitpose_core.keypoints import get_keypoint_set
+from vitpose_core.keypoints import (
+    AIC,
+    KEYPOINT_SETS,
+    MPII,
+    KeypointSet,
+    KeypointSetError,
+    keypoint_set_from_coco,
+    resolve_keypoint_set,
+)
 
 PersonRecord = dict[str, Any]
 SkipRecord = dict[str, Any]
@@ -60,6 +73,7 @@ class ParsedAnnotations:
     format: str
     records: list[PersonRecord] = field(default_factory=list)
     skipped: list[SkipRecord] = field(default_factory=list)
+    keypoint_set: KeypointSet | None = None  # the layout of the records' keypoints
 
     @property
     def records_in(self) -> int:
@@ -75,17 +89,26 @@ def skip_record(base: dict[str, Any], reason: str, detail: str) -> SkipRecord:
 
 
 def detect_format(document: Any) -> str:
-    """'coco' for a COCO-style dict, 'aic_raw' for the raw AIC list; ValueError otherwise."""
+    """'coco' for a COCO-style dict, 'aic_raw' for the raw AIC list, 'mpii' for the MPII list; ValueError otherwise."""
     if isinstance(document, dict) and "annotations" in document and "images" in document:
         return "coco"
+    if isinstance(document, list) and document and isinstance(document[0], dict) and "joints" in document[0]:
+        return "mpii"
     if isinstance(document, list) and (not document or "keypoint_annotations" in document[0]):
         return "aic_raw"
     raise ValueError("annotation file is neither COCO person_keypoints (a dict with 'images' and "
-                     "'annotations') nor raw AI Challenger (a list of dicts with 'keypoint_annotations')")
+                     "'annotations'), raw AI Challenger (a list of dicts with 'keypoint_annotations') nor MPII "
+                     "(a list of dicts with 'joints', 'joints_vis', 'center', 'scale')")
 
 
-def parse_annotation_bytes(data: bytes, dataset: str, split: str, source: str, fmt: str = "auto") -> ParsedAnnotations:
-    """Parse an annotation file's bytes. Raises ValueError (naming `source`) if it is not usable JSON."""
+def parse_annotation_bytes(data: bytes, dataset: str, split: str, source: str, fmt: str = "auto",
+                           keypoint_set: KeypointSet | str | None = None) -> ParsedAnnotations:
+    """Parse an annotation file's bytes. Raises ValueError (naming `source`) if it is not usable JSON.
+
+    ``keypoint_set`` (a KeypointSet, a built-in name or a COCO json / keypoint-set YAML path) fixes
+    the layout of a COCO-format file; by default it is the file's category. Raw AIC is AIC-14 and
+    MPII is MPII-16 whatever ``dataset`` is called.
+    """
     try:
         document = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -94,8 +117,70 @@ def parse_annotation_bytes(data: bytes, dataset: str, split: str, source: str, f
     if fmt not in ("auto", detected):
         raise ValueError(f"{source}: expected format {fmt!r} but the file looks like {detected!r}")
     if detected == "coco":
-        return parse_coco(document, dataset, split, source)
+        return parse_coco(document, dataset, split, source, keypoint_set)
+    if detected == "mpii":
+        parsed = parse_coco(mpii_to_coco(document, source=source), dataset, split, source, MPII)
+        parsed.format = "mpii"
+        return parsed
     return parse_aic_raw(document, dataset, split, source)
+
+
+def coco_keypoint_set(document: dict[str, Any], dataset: str, source: str,
+                      keypoint_set: KeypointSet | str | None = None) -> KeypointSet:
+    """The layout of a COCO-format document: given, else its category, else the built-in set named `dataset`."""
+    if keypoint_set is not None:
+        return resolve_keypoint_set(keypoint_set)
+    try:
+        return keypoint_set_from_coco(document, source=source)
+    except KeypointSetError:
+        if dataset in KEYPOINT_SETS:  # a file without keypoint names (e.g. a bare conversion)
+            return KEYPOINT_SETS[dataset]
+        raise
+
+
+def mpii_to_coco(document: list[Any], image_sizes: dict[str, tuple[int, int]] | None = None,
+                 source: str = "MPII annotations") -> dict[str, Any]:
+    """MPII's list layout -> a COCO person_keypoints document in MPII-16 layout.
+
+    ``image_sizes`` (file name -> (width, height)) fills the images' sizes; without it they are left
+    out and checked when the images are decoded. Image ids are the file names' digits where they are
+    numbers (MPII's are), else their order; annotation ids count entries from 1.
+    """
+    if not isinstance(document, list):
+        raise ValueError(f"{source}: MPII annotations must be a list of person entries")
+    images: dict[str, dict[str, Any]] = {}
+    annotations = []
+    for index, entry in enumerate(document):
+        where = f"{source}: entry #{index}"
+        if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
+            raise ValueError(f"{where} lacks 'image'")
+        try:
+            joints = [_float_list(j, 2, f"{where} joint") for j in entry["joints"]]
+            visible = [float(v) for v in entry["joints_vis"]]
+            center = _float_list(entry["center"], 2, f"{where} center")
+            scale = float(entry["scale"])
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"{where}: missing or malformed {error}") from None
+        if len(joints) != MPII.num_keypoints or len(visible) != MPII.num_keypoints:
+            raise ValueError(f"{where} has {len(joints)} joints / {len(visible)} visibilities, MPII has 16")
+        name = entry["image"]
+        if name not in images:
+            stem = name.rsplit(".", 1)[0]
+            image_id = int(stem) if stem.isdigit() else len(images) + 1
+            images[name] = {"id": image_id, "file_name": name}
+            if image_sizes and name in image_sizes:
+                images[name]["width"], images[name]["height"] = image_sizes[name]
+        keypoints: list[float] = []
+        for (x, y), v in zip(joints, visible, strict=True):
+            labelled = v > 0 and x >= 0 and y >= 0  # some MPII conversions mark missing joints with -1
+            keypoints += [x, y, 2.0] if labelled else [0.0, 0.0, 0.0]
+        side = 200.0 * scale
+        annotations.append({
+            "id": index + 1, "image_id": images[name]["id"], "category_id": 1, "iscrowd": 0,
+            "bbox": [center[0] - side / 2, center[1] - side / 2, side, side], "area": side * side,
+            "keypoints": keypoints, "num_keypoints": sum(1 for v in keypoints[2::3] if v > 0),
+        })
+    return {"images": list(images.values()), "annotations": annotations, "categories": [MPII.coco_category()]}
 
 
 def _float_list(value: Any, length: int, what: str) -> list[float]:
@@ -147,10 +232,15 @@ def _finish(record: PersonRecord, parsed: ParsedAnnotations) -> None:
         parsed.records.append(record)
 
 
-def parse_coco(document: dict[str, Any], dataset: str, split: str, source: str) -> ParsedAnnotations:
-    """COCO person_keypoints dict -> records. Every entry of `annotations` is one record in."""
-    num_keypoints = get_keypoint_set(dataset).num_keypoints
-    parsed = ParsedAnnotations(format="coco")
+def parse_coco(document: dict[str, Any], dataset: str, split: str, source: str,
+               keypoint_set: KeypointSet | str | None = None) -> ParsedAnnotations:
+    """COCO person_keypoints dict -> records. Every entry of `annotations` is one record in.
+
+    The keypoint count comes from ``keypoint_set`` or the file's category (`coco_keypoint_set`).
+    """
+    layout = coco_keypoint_set(document, dataset, source, keypoint_set)
+    num_keypoints = layout.num_keypoints
+    parsed = ParsedAnnotations(format="coco", keypoint_set=layout)
     images: dict[Any, dict[str, Any]] = {}
     for entry in document.get("images") or []:
         if isinstance(entry, dict) and "id" in entry and "file_name" in entry:
@@ -200,8 +290,8 @@ def parse_aic_raw(document: list[Any], dataset: str, split: str, source: str) ->
     Annotation ids count humans in file order (1-based), humans sorted by their number, so they are
     stable for a given file.
     """
-    num_keypoints = get_keypoint_set(dataset).num_keypoints
-    parsed = ParsedAnnotations(format="aic_raw")
+    num_keypoints = AIC.num_keypoints
+    parsed = ParsedAnnotations(format="aic_raw", keypoint_set=AIC)
     ann_id = 0
     for index, entry in enumerate(document):
         key = entry.get("image_id") if isinstance(entry, dict) else None
@@ -235,3 +325,25 @@ def parse_aic_raw(document: list[Any], dataset: str, split: str, source: str) ->
                       "keypoints": keypoints, "area": (x2 - x1) * (y2 - y1), "iscrowd": 0}
             _finish(record, parsed)
     return parsed
+
+
+def records_to_coco(records: list[PersonRecord], keypoint_set: KeypointSet,
+                    image_sizes: dict[str, tuple[int, int]] | None = None) -> dict[str, Any]:
+    """Parsed person records -> a COCO document in ``keypoint_set``'s layout (e.g. ground truth for
+    evaluating a raw-format split). Images without a size in the records take it from ``image_sizes``
+    (file name -> (width, height))."""
+    images: dict[Any, dict[str, Any]] = {}
+    annotations = []
+    for record in records:
+        image = images.setdefault(record["image_id"], {"id": record["image_id"], "file_name": record["file_name"]})
+        width, height = record.get("width"), record.get("height")
+        if (width is None or height is None) and image_sizes and record["file_name"] in image_sizes:
+            width, height = image_sizes[record["file_name"]]
+        if width is not None and height is not None:
+            image["width"], image["height"] = int(width), int(height)
+        annotations.append({"id": record["ann_id"], "image_id": record["image_id"], "category_id": 1,
+                            "bbox": list(record["bbox"]), "area": float(record["area"]),
+                            "iscrowd": int(record.get("iscrowd", 0)), "keypoints": list(record["keypoints"]),
+                            "num_keypoints": int(record["num_keypoints"])})
+    return {"images": list(images.values()), "annotations": annotations,
+            "categories": [keypoint_set.coco_category()]}

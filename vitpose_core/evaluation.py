@@ -29,7 +29,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from .errors import InvalidInputError, read_json_file
-from .keypoints import KEYPOINT_SETS, KeypointSet
+from .keypoints import KeypointSet, keypoint_set_from_coco, resolve_keypoint_set
 
 logger = logging.getLogger(__name__)
 
@@ -118,20 +118,13 @@ def load_ground_truth(annotations: str | Path | dict) -> COCO:
     return coco
 
 
-def infer_keypoint_set(coco: COCO, name: str | None = None) -> KeypointSet:
-    """The keypoint set of the person category: `name` if given, else matched on the category's keypoint names."""
+def infer_keypoint_set(coco: COCO, name: str | KeypointSet | None = None) -> KeypointSet:
+    """The keypoint set to evaluate with: `name` if given (a built-in set, or a COCO json / keypoint-set
+    YAML path), else the one the file's category describes (a built-in set when the names match one,
+    otherwise a custom set with default sigmas and a warning; see `vitpose_core.keypoints`)."""
     if name is not None:
-        if name not in KEYPOINT_SETS:
-            raise ValueError(f"unknown keypoint set {name!r}; known: {sorted(KEYPOINT_SETS)}")
-        return KEYPOINT_SETS[name]
-    categories = coco.dataset["categories"]
-    names = categories[0].get("keypoints", []) if categories else []
-    normalised = [str(n).lower().replace(" ", "_") for n in names]
-    for keypoint_set in KEYPOINT_SETS.values():
-        if len(normalised) == keypoint_set.num_keypoints and normalised[:12] == list(keypoint_set.names[:12]):
-            return keypoint_set
-    raise ValueError(f"cannot tell the keypoint set from the category keypoints {names}; "
-                     f"pass one of {sorted(KEYPOINT_SETS)}")
+        return resolve_keypoint_set(name)
+    return keypoint_set_from_coco(coco.dataset, source="annotations")
 
 
 def ground_truth_boxes(coco: COCO) -> dict[int, list[tuple[list[float], float]]]:

@@ -32,6 +32,8 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from vitpose_core.errors import InvalidInputError
+
 logger = logging.getLogger(__name__)
 
 # Sigma given to keypoints whose OKS constant nobody provided: the median of COCO's 17 sigmas (the
@@ -39,7 +41,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_SIGMA = 0.072
 
 
-class KeypointSetError(ValueError):
+class KeypointSetError(InvalidInputError):
     """A keypoint set (or the file it comes from) is malformed; the message names the file or field."""
 
 
@@ -198,7 +200,7 @@ def infer_flip_pairs(names: Sequence[str]) -> tuple[tuple[int, int], ...]:
 
 _UPPER_WORDS = {"nose", "eye", "ear", "head", "neck", "shoulder", "elbow", "wrist", "thorax", "face", "hand",
                 "thumb", "finger", "forefinger", "pinky", "mouth", "chin", "lip", "brow", "eyebrow", "front",
-                "top", "f", "chest", "throat", "jaw", "forehead"}
+                "f", "chest", "throat", "jaw", "forehead"}
 _LOWER_WORDS = {"hip", "knee", "ankle", "foot", "toe", "heel", "pelvis", "tail", "back", "b", "paw_b", "leg",
                 "thigh", "root"}
 

@@ -1,4 +1,4 @@
-"""Procedural people with the 17 COCO keypoints: the embedded default's data and the benchmarks' input.
+"""Procedural people with COCO, AIC or MPII keypoints: the embedded default's data and the benchmarks' input.
 
 Each image shows a few front-facing stick-and-blob people (torso, limbs, head with eyes) on a muted,
 textured background, with occluders (other people in front, random objects). Appearance is kept
@@ -10,6 +10,13 @@ simple on purpose so a tiny ViT learns it in minutes on two CPUs:
 - people always face the camera: the person's left is on the image right, as in most of COCO.
   (Horizontal flip augmentation with a left/right label swap keeps that geometric cue but makes the
   colour cue ambiguous; the model learns the geometry.)
+
+People are drawn the same in every layout; `SyntheticConfig.layout` picks which keypoints are
+labelled: "coco" (17), "aic" (14: adds head_top and neck), "mpii" (16: adds pelvis, thorax,
+upper_neck and head_top) or "posetrack18" (17: head_bottom and head_top instead of the eyes). The
+extra points are geometric: neck and thorax sit between the shoulders, pelvis between the hips,
+head_top and upper_neck / head_bottom at the top and bottom of the head disc. A second layout is
+what multi-dataset training needs to show decoders for different keypoint sets.
 
 Visibility follows COCO: 2 = labelled and visible, 1 = labelled but occluded by a person drawn in
 front or by an object, 0 = outside the image (x = y = 0). Everything is deterministic in
@@ -27,7 +34,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from vitpose_core.keypoints import COCO
+from vitpose_core.keypoints import COCO, KeypointSet, get_keypoint_set
 
 # COCO indices, named for readability below
 NOSE, L_EYE, R_EYE, L_EAR, R_EAR = 0, 1, 2, 3, 4
@@ -55,12 +62,37 @@ class SyntheticConfig:
     occluder_prob: float = 0.4  # chance of each of up to 2 random objects per image
     seed: int = 0
     jpeg_quality: int = 92
+    layout: str = "coco"  # which keypoints are labelled: coco, aic, mpii or posetrack18
 
     def __post_init__(self) -> None:
+        if self.layout not in SYNTHETIC_LAYOUTS:
+            raise ValueError(f"unknown synthetic layout {self.layout!r}; choose one of {SYNTHETIC_LAYOUTS}")
         if self.num_images < 0 or self.width < 32 or self.height < 32:
             raise ValueError(f"bad synthetic size: {self.num_images} images of {self.width}x{self.height}")
         if not 1 <= self.min_people <= self.max_people:
             raise ValueError(f"need 1 <= min_people <= max_people, got {self.min_people}, {self.max_people}")
+
+
+SYNTHETIC_LAYOUTS: tuple[str, ...] = ("coco", "aic", "mpii", "posetrack18")
+
+
+def layout_keypoint_set(layout: str) -> KeypointSet:
+    if layout not in SYNTHETIC_LAYOUTS:
+        raise ValueError(f"unknown synthetic layout {layout!r}; choose one of {SYNTHETIC_LAYOUTS}")
+    return get_keypoint_set(layout)
+
+
+def layout_points(kp: np.ndarray, height: float, keypoint_set: KeypointSet) -> np.ndarray:
+    """A person's points [K, 2] in ``keypoint_set``'s order from its COCO joints [17, 2] (see module doc)."""
+    neck = (kp[L_SHO] + kp[R_SHO]) / 2
+    pelvis = (kp[L_HIP] + kp[R_HIP]) / 2
+    up = (neck - pelvis) / max(float(np.linalg.norm(neck - pelvis)), 1e-6)  # hips -> neck
+    head = (kp[L_EAR] + kp[R_EAR]) / 2
+    radius = 0.065 * height  # the head disc drawn by _draw_person
+    points = {name: kp[i] for i, name in enumerate(COCO.names)}
+    points.update(neck=neck, thorax=neck, pelvis=pelvis, head_top=head + up * radius,
+                  upper_neck=head - up * radius, head_bottom=head - up * radius)
+    return np.stack([points[name] for name in keypoint_set.names])
 
 
 def _bgr(hue_deg: float, saturation: float, value: float) -> tuple[int, int, int]:
@@ -172,7 +204,8 @@ def render_image(index: int, config: SyntheticConfig) -> tuple[np.ndarray, list[
     """Draw image `index` of the dataset `config` describes.
 
     Returns:
-        The BGR uint8 image [H, W, 3] and one dict per person: `keypoints` float [17, 3] (x, y, v),
+        The BGR uint8 image [H, W, 3] and one dict per person: `keypoints` float [K, 3] (x, y, v)
+        in the config's layout (K = 17 for COCO),
         `bbox` [x, y, w, h] (amodal, clipped to the image), `area` (visible pixels) and
         `num_keypoints`.
     """
@@ -196,12 +229,13 @@ def render_image(index: int, config: SyntheticConfig) -> tuple[np.ndarray, list[
         if rng.random() < config.occluder_prob:
             _occluder(rng, canvas, objects)
     annotations = []
-    for i, (_, kp) in enumerate(people):
+    keypoint_set = layout_keypoint_set(config.layout)
+    for i, (height, kp) in enumerate(people):
         in_front = objects.copy()
         for later in masks[i + 1:]:
             in_front |= later
-        keypoints = np.zeros((COCO.num_keypoints, 3))
-        for j, (x, y) in enumerate(kp):
+        keypoints = np.zeros((keypoint_set.num_keypoints, 3))
+        for j, (x, y) in enumerate(layout_points(kp, height, keypoint_set)):
             if not (0 <= x <= w - 1 and 0 <= y <= h - 1):
                 continue  # outside the image: unlabelled, as in COCO
             occluded = in_front[int(round(y)), int(round(x))] > 0
@@ -255,10 +289,7 @@ def coco_document(images: list[dict[str, Any]], annotations: list[dict[str, Any]
         "licenses": [],
         "images": images,
         "annotations": annotations,
-        "categories": [{
-            "id": 1, "name": "person", "supercategory": "person", "keypoints": list(COCO.names),
-            "skeleton": [[a + 1, b + 1] for a, b in COCO.skeleton],
-        }],
+        "categories": [layout_keypoint_set(config.layout).coco_category()],
     }
 
 
