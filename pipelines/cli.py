@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def user_error_message(error: BaseException) -> str | None:
-    """One line describing a user error, or None for a bug.
+    """The message of a user error (one line; a config's list of bad keys, one per line), or None for a bug.
 
     User errors are `UserError`s (also found inside Ray's task-error wrappers), the ValueErrors the
     stages raise on bad input (configs, checkpoints, argument checks) and OSErrors (files, network:

@@ -370,6 +370,13 @@ def test_bugs_keep_their_traceback_and_user_errors_are_found_inside_wrappers():
     wrapper = RuntimeError("task failed")
     wrapper.cause = StorageError("s3://b/k: throttled")  # how Ray's RayTaskError carries the task's error
     assert user_error_message(wrapper) == "s3://b/k: throttled"
+    try:
+        try:
+            raise ConfigError("bad key")
+        except ConfigError:
+            {}["missing"]  # a bug in an except block stays a bug
+    except KeyError as bug:
+        assert user_error_message(bug) is None
     assert "/x/y.json" in user_error_message(FileNotFoundError(2, "No such file", "/x/y.json"))
     assert user_error_message(PermissionError("denied")) == "denied"
     assert issubclass(ConfigError, UserError) and issubclass(InvalidInputError, ValueError)

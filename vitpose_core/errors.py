@@ -65,5 +65,6 @@ def find_user_error(error: BaseException) -> UserError | None:
         cause = getattr(current, "cause", None)  # Ray's RayTaskError keeps the task's exception here
         if isinstance(current, UserError) and not isinstance(cause, BaseException):
             return current  # a Ray wrapper that is also a UserError (as_instanceof_cause) has the clean one inside
-        pending.extend([current.__context__, current.__cause__, cause])
+        # not __context__: a bug raised while handling a user error is still a bug
+        pending.extend([current.__cause__, cause])
     return None
