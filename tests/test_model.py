@@ -164,3 +164,65 @@ def test_optimized_model_matches_eager_for_any_batch_size():
         actual = run_model(compiled, crops)
         assert actual.dtype == torch.float32 and actual.shape == expected.shape
         torch.testing.assert_close(actual, expected, atol=2e-2 * float(expected.abs().max()), rtol=0.05)
+
+
+def _multi_dataset_model(num_experts: int = 3):
+    from vitpose_core.keypoints import AIC, MPII
+
+    torch.manual_seed(0)
+    return build_model("vitpose-tiny", datasets=[("coco", "coco"), ("aic", AIC), ("mpii", MPII)],
+                       num_experts=num_experts, part_features=48 if num_experts else 0)
+
+
+def test_multi_dataset_model_has_one_decoder_per_dataset():
+    model = _multi_dataset_model().eval()
+    assert [head.final_layer.out_channels for head in model.heads] == [17, 14, 16]
+    x = torch.randn(4, 3, 256, 192)
+    index = torch.tensor([2, 0, 2, 1])
+    with torch.no_grad():
+        outputs = model.forward_datasets(x, index)
+        assert [o.shape[:2] for o in outputs] == [(1, 17), (1, 14), (2, 16)]
+        # one backbone pass over the mixed batch equals per-dataset passes (expert per sample)
+        torch.testing.assert_close(outputs[2], model(x[index == 2], dataset_index=2), atol=1e-5, rtol=0)
+        torch.testing.assert_close(outputs[1], model(x[index == 1], dataset_index=torch.tensor([1])), atol=1e-5,
+                                   rtol=0)
+    with pytest.raises(ValueError, match="forward_datasets"):
+        model(x, dataset_index=index)
+    with pytest.raises(ValueError, match="dataset index 3"):
+        model(x, dataset_index=3)
+    assert model.config.dataset_index("mpii") == 2
+
+
+def test_moe_expert_is_per_dataset_in_training_and_inference():
+    """Training masks every expert to its samples (all take part, as DDP needs); inference runs only
+    the chosen one: both give the same function, and only the chosen expert gets gradients."""
+    model = _multi_dataset_model()
+    x = torch.randn(2, 3, 256, 192)
+    with torch.no_grad():
+        for expert in model.backbone.blocks[0].mlp.experts:  # make the experts differ visibly
+            expert.weight.normal_(0, 0.5)
+    model.train()
+    features_train = model.backbone(x, expert_index=1)
+    model.eval()
+    with torch.no_grad():
+        features_eval = model.backbone(x, expert_index=1)
+        other_expert = model.backbone(x, expert_index=2)
+    torch.testing.assert_close(features_train.detach(), features_eval, atol=1e-5, rtol=0)
+    assert (other_expert - features_eval).abs().max() > 1e-2
+    model.train()
+    model.forward_datasets(x, torch.tensor([1, 1]))[1].square().mean().backward()
+    mlp = model.backbone.blocks[0].mlp
+    assert mlp.experts[1].weight.grad.abs().sum() > 0 and mlp.fc2.weight.grad.abs().sum() > 0
+    assert mlp.experts[0].weight.grad.abs().sum() == 0 and mlp.experts[2].weight.grad.abs().sum() == 0
+    assert model.keypoint_head.final_layer.weight.grad is None  # the COCO decoder saw no sample
+
+
+def test_multi_dataset_config_is_strict():
+    from vitpose_core.keypoints import AIC
+
+    with pytest.raises(ValueError, match="at least as many experts"):
+        build_model("vitpose-tiny", datasets=[("coco", "coco"), ("aic", AIC)], num_experts=1, part_features=48)
+    with pytest.raises(ValueError, match="part_features"):
+        build_model("vitpose-tiny", num_experts=2)
+    with pytest.raises(ValueError, match="unique"):
+        build_model("vitpose-tiny", datasets=[("coco", "coco"), ("coco", AIC)])
