@@ -90,6 +90,7 @@ def build_config(cls: type[ConfigT], data: dict[str, Any] | None = None, overrid
 # file expands to 10^9), and every later deep copy, validation or dump walks the expansion, so the
 # expanded size is counted on the node graph (memoised, cheap) and bounded before anything is built.
 MAX_YAML_EXPANDED_NODES = 100_000
+MAX_CONFIG_BYTES = 1 << 20  # the largest shipped config is a few KB; parsing megabytes of YAML takes minutes
 
 
 class _StrictYAMLLoader(yaml.SafeLoader):
@@ -139,6 +140,8 @@ def _check_yaml_node(root: yaml.Node) -> None:
 
 def strict_yaml_load(text: str) -> Any:
     """`yaml.safe_load` that refuses duplicate keys, recursive aliases and alias bombs (ConfigError)."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{len(text)} characters of YAML exceed the limit of {MAX_CONFIG_BYTES}")
     loader = _StrictYAMLLoader(text)
     try:
         node = loader.get_single_node()
@@ -146,6 +149,8 @@ def strict_yaml_load(text: str) -> Any:
             return None
         _check_yaml_node(node)
         return loader.construct_document(node)
+    except RecursionError:  # PyYAML composes and constructs recursively: [[[[...]]]] thousands deep
+        raise ConfigError("YAML nested too deeply") from None
     finally:
         loader.dispose()
 
@@ -154,6 +159,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"config file {path} is a directory, expected a YAML file")
+    if path.is_file() and path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is {path.stat().st_size} bytes; configs are limited to "
+                          f"{MAX_CONFIG_BYTES} bytes")
     try:
         data = strict_yaml_load(path.read_bytes().decode("utf-8")) or {}
     except FileNotFoundError:

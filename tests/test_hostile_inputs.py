@@ -94,6 +94,18 @@ def test_yaml_recursive_alias_and_small_aliases(tmp_path):
     assert load_yaml(config)["shard"]["optim"] == {"lr": 0.1}
 
 
+def test_yaml_too_deep_or_too_large_is_refused(tmp_path, capsys):
+    config = tmp_path / "deep.yaml"
+    config.write_text("shard: " + "[" * 5000 + "]" * 5000 + "\n")
+    code, err = run_cli(capsys, "shard", "--config", config)
+    assert code == 2 and f"config file {config}: YAML nested too deeply" in error_line(err)
+    config.write_text("shard:\n" + "".join(f"  key{i}: {i}\n" for i in range(100_000)))  # 1.5 MB
+    start = time.perf_counter()
+    code, err = run_cli(capsys, "shard", "--config", config)
+    assert code == 2 and "configs are limited to 1048576 bytes" in error_line(err)
+    assert time.perf_counter() - start < 1.0
+
+
 def test_malformed_set_yaml_is_one_line(capsys):
     with pytest.raises(ConfigError, match=r"override 'optim.lr=\[1, 2': the value is not valid YAML: line 1, column 6"):
         parse_override("optim.lr=[1, 2")
