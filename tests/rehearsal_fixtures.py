@@ -30,7 +30,9 @@ def rehearsal():
     try:
         yield cluster
     finally:
+        stopping = time.perf_counter()
         cluster.stop()
+        print(f"rehearsal down in {time.perf_counter() - stopping:.1f} s")
         # teardown is part of the contract: nothing of the rehearsal may outlive the session
         leftover = marked_processes(cluster.state.root)
         assert not leftover, f"rehearsal processes still running after stop(): {leftover}"
