@@ -336,6 +336,11 @@ def test_nan_weights_give_an_error_not_bare_nan_in_json(coco, tmp_path, capsys):
     assert code == 2 and f"non-finite keypoints or scores for {coco / '000000000785.jpg'}" in error_line(err)
     assert "NaN or Inf weights" in error_line(err)
     assert not out.exists() or not list(out.iterdir())
+    code, err = run_cli(capsys, "eval", "--checkpoint", checkpoint, "--annotations", coco / "test_coco.json",
+                        "--images", coco, "--output", out / "eval.json")
+    assert code == 2 and f"checkpoint {checkpoint} produced non-finite keypoints or scores for 12 of 12 persons" \
+        in error_line(err)
+    assert not (out / "eval.json").exists()
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------
