@@ -165,3 +165,20 @@ def test_ctrl_c_while_starting_leaves_no_process(tmp_path):
         # also removes the root (its data and logs)
         subprocess.run([sys.executable, "-m", "infra.rehearsal.cluster", "down", "--root", str(root)], cwd=REPO,
                        capture_output=True)
+
+
+def test_node_loss_helpers_kill_a_raylet_and_bring_the_node_back(rehearsal, probe):
+    # runs after the probe job (it uses `probe`), and leaves the session's cluster whole again
+    old_id = rehearsal.node_id("worker2")
+    killed = rehearsal.kill_raylet("worker2")
+    deadline = time.time() + 180
+    while time.time() < deadline and old_id in {n["node_id"] for n in rehearsal.alive_nodes()}:
+        time.sleep(1)
+    alive = {n["node_id"] for n in rehearsal.alive_nodes()}
+    assert old_id not in alive and len(alive) == 2, "the GCS never marked the killed node dead"
+    assert rehearsal.raylet_pid("worker2") is None and killed not in marked_processes(rehearsal.state.root)
+
+    rehearsal.restart_node("worker2")
+    new_id = rehearsal.node_id("worker2")
+    alive = {n["node_id"] for n in rehearsal.alive_nodes()}
+    assert new_id and new_id != old_id and new_id in alive and len(alive) == 3
