@@ -720,8 +720,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--worker-nodes", type=int, default=2)
     parser.add_argument("--auth-mode", choices=["token", "disabled"], default="token")
     parser.add_argument("--keep-files", action="store_true", help="down/run: keep the root's data and logs")
-    parser.add_argument("argv", nargs="*", help="for `run`: the command to run with the exports")
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `run -- CMD ...`: everything after the first `--` is the command, itself free to contain `--`
+    command = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     _terminate_on_sigterm()
     config = RehearsalConfig(worker_nodes=args.worker_nodes, auth_mode=args.auth_mode)
 
@@ -734,10 +736,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"`python -m infra.rehearsal.cluster down --root {args.root}` to stop", file=sys.stderr)
         return 0
     if args.command == "run":
-        if not args.argv:
+        if not command:
             parser.error("run needs a command: python -m infra.rehearsal.cluster run -- CMD ...")
         with running(config, args.root) as rehearsal:
-            returncode = subprocess.run(args.argv, env=rehearsal.client_env()).returncode
+            returncode = subprocess.run(command, env=rehearsal.client_env()).returncode
         if not args.keep_files:
             rehearsal.remove_files()
         return returncode
