@@ -530,8 +530,9 @@ class Rehearsal:
         self.state.env = {"RAY_ADDRESS": self.dashboard_url, **auth_env, **storage_env,
                           "VITPOSE_REHEARSAL_BUCKET": config.bucket, "VITPOSE_REHEARSAL_ROOT_DIR": self.state.root,
                           "VITPOSE_REHEARSAL_PG_PASSWORD": pg_password}
-        self.state.node_env = {**auth_env, **storage_env, **NODE_SLOW_BOX_ENV,
-                               "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+        # no RAY_DATA_DISABLE_PROGRESS_BARS here, although the shipped cluster configs set it: jobs must be
+        # quiet by themselves (issue 14), and a rehearsal that quietened them would hide it
+        self.state.node_env = {**auth_env, **storage_env, **NODE_SLOW_BOX_ENV}
         self._save()
 
         started = time.perf_counter()
