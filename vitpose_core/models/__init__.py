@@ -11,6 +11,7 @@ from vitpose_core.models.vitpose import (
     build_model,
     build_model_from_config,
     count_parameters,
+    dataset_config,
     split_dataset_model,
     variant_config,
 )
@@ -18,5 +19,5 @@ from vitpose_core.models.vitpose import (
 __all__ = [
     "ATTENTION_TYPES", "Attention", "ClassicDecoder", "SimpleDecoder", "ViT", "token_grid_size", "VARIANTS",
     "ViTPose", "ViTPoseConfig", "build_model", "build_model_from_config", "count_parameters", "variant_config",
-    "DatasetHead", "split_dataset_model",
+    "DatasetHead", "dataset_config", "split_dataset_model",
 ]

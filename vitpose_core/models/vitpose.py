@@ -265,6 +265,12 @@ class ViTPoseConfig(BaseModel):
         return dataset
 
     @property
+    def input_size(self) -> tuple[int, int]:
+        """(W, H) of the input crop: the order of every config, the codec and the crop geometry. ``img_size``
+        (H, W), the patch grid's order, stays inside the model; ``variant_config(input_size=...)`` takes (W, H)."""
+        return self.img_size[1], self.img_size[0]
+
+    @property
     def heatmap_size(self) -> tuple[int, int]:
         """(H, W) of the output heatmaps: 4x the token grid."""
         grid_h, grid_w = token_grid_size(self.img_size, self.patch_size, self.patch_padding)
@@ -327,8 +333,17 @@ class ViTPose(nn.Module):
         return index
 
     def forward(self, images: torch.Tensor, extra_tokens: torch.Tensor | None = None,
-                dataset_index: torch.Tensor | int | None = None) -> torch.Tensor:
-        """Heatmaps of one dataset's decoder (``dataset_index``: int or (B,) all equal; None = 0)."""
+                dataset_index: torch.Tensor | int | None = None, per_dataset: bool = False
+                ) -> torch.Tensor | list[torch.Tensor | None]:
+        """Heatmaps of one dataset's decoder (``dataset_index``: int or (B,) all equal; None = 0).
+
+        ``per_dataset=True`` takes a mixed (B,) ``dataset_index`` and returns ``forward_datasets``'
+        list; going through ``forward`` keeps DDP/FSDP wrappers in the loop during training.
+        """
+        if per_dataset:
+            if not isinstance(dataset_index, torch.Tensor):
+                raise ValueError("per_dataset=True needs a (B,) dataset_index tensor")
+            return self.forward_datasets(images, dataset_index, extra_tokens)
         head_index = 0
         if dataset_index is not None and len(self.heads) > 1:
             if isinstance(dataset_index, int):
@@ -359,6 +374,16 @@ class ViTPose(nn.Module):
         return outputs
 
 
+def dataset_config(config: ViTPoseConfig, dataset: int | str) -> ViTPoseConfig:
+    """The single-dataset, plain-FFN config of one dataset of a multi-dataset / MoE config."""
+    index = config.dataset_index(dataset)
+    fields = config.model_dump(exclude={"datasets", "num_experts", "part_features", "keypoint_set", "keypoints",
+                                        "num_keypoints"})
+    source = config.datasets[index] if config.datasets else config
+    fields.update(keypoint_set=source.keypoint_set, keypoints=source.keypoints, num_keypoints=source.num_keypoints)
+    return ViTPoseConfig(**fields)
+
+
 def split_dataset_model(model: ViTPose, dataset: int | str) -> ViTPose:
     """A single-dataset model of one dataset of a multi-dataset / MoE model (the official model_split).
 
@@ -369,15 +394,7 @@ def split_dataset_model(model: ViTPose, dataset: int | str) -> ViTPose:
     config = model.config
     index = config.dataset_index(dataset)
     datasets = config.datasets
-    head_config = datasets[index] if datasets else None
-    fields = config.model_dump(exclude={"datasets", "num_experts", "part_features", "keypoint_set", "keypoints",
-                                        "num_keypoints"})
-    if head_config is not None:
-        fields.update(keypoint_set=head_config.keypoint_set, keypoints=head_config.keypoints,
-                      num_keypoints=head_config.num_keypoints)
-    else:
-        fields.update(keypoint_set=config.keypoint_set, keypoints=config.keypoints, num_keypoints=config.num_keypoints)
-    single = ViTPose(ViTPoseConfig(**fields))
+    single = ViTPose(dataset_config(config, index))
     state = {}
     source = model.state_dict()
     head_prefix = "keypoint_head." if index == 0 or not datasets else f"associate_keypoint_heads.{index - 1}."
@@ -409,6 +426,9 @@ def variant_config(variant: str, **overrides: Any) -> ViTPoseConfig:
         "mlp_hidden_dim": spec.mlp_hidden_dim,
         "decoder_channels": spec.decoder_channels,
     }
+    if "input_size" in overrides:  # (W, H), as configs give it: the one place it becomes the grid's (H, W)
+        width, height = overrides.pop("input_size")
+        overrides["img_size"] = (height, width)
     fields.update(overrides)
     return ViTPoseConfig(**fields)
 
@@ -434,6 +454,7 @@ def count_parameters(model: nn.Module) -> int:
 __all__ = [
     "ATTENTION_TYPES",
     "DatasetHead",
+    "dataset_config",
     "split_dataset_model",
     "VARIANTS",
     "ViTPose",
