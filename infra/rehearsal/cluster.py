@@ -449,7 +449,8 @@ class Rehearsal:
                     ports[name] = port
                     return
 
-        for name in ("postgres", "s3", "mlflow", "head.gcs", "head.dashboard", "head.client_server"):
+        # "serve": a free port for Ray Serve's HTTP proxy (its default 8000 may be anyone's on a shared box)
+        for name in ("postgres", "s3", "mlflow", "serve", "head.gcs", "head.dashboard", "head.client_server"):
             take(name)
         for node in ["head", *(f"worker{i}" for i in range(1, config.worker_nodes + 1))]:
             for name in ("node_manager", "object_manager", "agent_listen", "agent_grpc", "metrics",
@@ -529,6 +530,7 @@ class Rehearsal:
             auth_env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
         self.state.env = {"RAY_ADDRESS": self.dashboard_url, **auth_env, **storage_env,
                           "VITPOSE_REHEARSAL_BUCKET": config.bucket, "VITPOSE_REHEARSAL_ROOT_DIR": self.state.root,
+                          "VITPOSE_REHEARSAL_SERVE_PORT": str(ports["serve"]),
                           "VITPOSE_REHEARSAL_PG_PASSWORD": pg_password}
         # no RAY_DATA_DISABLE_PROGRESS_BARS here, although the shipped cluster configs set it: jobs must be
         # quiet by themselves (issue 14), and a rehearsal that quietened them would hide it
