@@ -222,11 +222,13 @@ def copy_dir(source: str | Path, destination: str | Path) -> None:
     """Copy every file under `source` to `destination` (each a local path or an s3:// URI), with pyarrow.fs."""
     source_fs, source_path = filesystem_and_path(source)
     destination_fs, destination_path = filesystem_and_path(destination)
-    if source_fs.get_file_info(source_path).type != pafs.FileType.Directory:
-        raise FileNotFoundError(f"no directory at {normalize(source)}")
-    if isinstance(destination_fs, pafs.LocalFileSystem):
-        Path(destination_path).mkdir(parents=True, exist_ok=True)
-    pafs.copy_files(source_path, destination_path, source_filesystem=source_fs, destination_filesystem=destination_fs)
+    with _s3_errors(source if is_s3(str(source)) else destination):  # errors name the S3 side
+        if source_fs.get_file_info(source_path).type != pafs.FileType.Directory:
+            raise FileNotFoundError(f"no directory at {normalize(source)}")
+        if isinstance(destination_fs, pafs.LocalFileSystem):
+            Path(destination_path).mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(source_path, destination_path, source_filesystem=source_fs,
+                        destination_filesystem=destination_fs)
 
 
 def local_dir(uri: str | Path) -> Path:

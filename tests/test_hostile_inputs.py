@@ -443,6 +443,10 @@ def test_read_from_a_stopped_endpoint_retries_then_names_the_uri(s3_env, stopped
         storage.exists(uri)
     with pytest.raises(StorageError):
         storage.write_bytes("s3://hostile/out/x.bin", b"1")
+    with pytest.raises(StorageError, match="s3://hostile/raw: the S3 endpoint is unreachable"):
+        storage.list_files("s3://hostile/raw")
+    with pytest.raises(StorageError, match="s3://hostile/raw: the S3 endpoint is unreachable"):
+        storage.local_dir("s3://hostile/raw")
 
 
 def test_every_attempt_reaches_the_endpoint(s3_env):
