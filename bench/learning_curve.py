@@ -113,7 +113,7 @@ def encoder_dir(args: argparse.Namespace) -> Path:
 def pretrain(args: argparse.Namespace) -> None:
     work = Path(args.work)
     torch.manual_seed(args.seed)
-    mae = build_mae(variant_config("vitpose-tiny", img_size=INPUT_SIZE[::-1]), decoder_dim=128, decoder_depth=2,
+    mae = build_mae(variant_config("vitpose-tiny", input_size=INPUT_SIZE), decoder_dim=128, decoder_depth=2,
                     decoder_heads=4, mask_ratio=0.75)
     optimizer = build_adamw(mae, lr=args.lr, weight_decay=0.05, betas=(0.9, 0.95))
     scheduler = build_scheduler(optimizer, total_steps=args.steps, warmup_steps=args.warmup)
@@ -138,7 +138,7 @@ def pretrain(args: argparse.Namespace) -> None:
 def finetune(args: argparse.Namespace) -> None:
     work = Path(args.work)
     torch.manual_seed(args.seed)
-    model = build_model("vitpose-tiny", img_size=INPUT_SIZE[::-1], drop_path_rate=args.drop_path)
+    model = build_model("vitpose-tiny", input_size=INPUT_SIZE, drop_path_rate=args.drop_path)
     if args.init == "mae":
         load_pretrained_encoder(model, encoder_dir(args))
     if args.freeze_backbone:  # a probe of the encoder's features: only the heatmap decoder learns

@@ -10,7 +10,6 @@ from vitpose_core.codec import UDPHeatmapCodec
 from vitpose_core.engine import (
     EngineConfig,
     FinetuneTask,
-    apply_affines,
     eval_step,
     predict_keypoints,
     run_epoch,
@@ -77,12 +76,6 @@ def test_nan_loss_is_an_error_naming_the_step():
     batch["target"] = batch["target"] * float("nan")
     with pytest.raises(FloatingPointError, match="at step 4"):
         train_step(model, FinetuneTask(), batch, build_adamw(model, lr=1e-3), None, EngineConfig(), step=3)
-
-
-def test_apply_affines_maps_each_sample():
-    points = np.array([[[1.0, 2.0]], [[1.0, 2.0]]])
-    affines = np.array([[[2, 0, 10], [0, 2, 20]], [[1, 0, 0], [0, 1, 0]]], dtype=np.float64)
-    assert apply_affines(points, affines).tolist() == [[[12.0, 24.0]], [[1.0, 2.0]]]
 
 
 def test_predict_keypoints_maps_to_image_and_flip_test_is_symmetric():

@@ -6,6 +6,7 @@ steps: these tests check the plumbing (checkpoints, restarts, tracking), not acc
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -16,6 +17,7 @@ import mlflow
 import pytest
 from conftest import make_synthetic_shards
 
+from pipelines.cli import main
 from pipelines.config import build_config
 from pipelines.finetune.config import FinetuneConfig
 from pipelines.finetune.run import FINETUNE, run_finetune
@@ -72,6 +74,14 @@ def test_two_worker_finetune_tracks_to_mlflow_and_rerun_resumes(tiny_shards, tmp
     assert {"finetune_export", "predictions", "data"} <= artifacts
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train_loss")
     assert len(history) >= 1
+
+    # `vitpose eval` over the same val shards reports the AP the run logged: one inference path (crop ->
+    # forward with flip test -> decode -> COCO eval) for validation, register's scoring and eval
+    eval_out = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", output.outputs["checkpoint"], "--shards", tiny_shards,
+                 "--batch-size", "16", "--output", str(eval_out)]) == 0
+    logged = max(h.value for h in mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_AP"))
+    assert json.loads(eval_out.read_text())["metrics"]["AP"] == logged == output.metrics["ap"]
 
     # same config + same storage: Train v2 hands back the last checkpoint, nothing is retrained
     again = run_finetune(config, name="ft-ddp")

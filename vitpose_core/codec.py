@@ -22,7 +22,6 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 import torch
-from torch import nn
 
 
 class UDPHeatmapCodec:
@@ -213,15 +212,3 @@ def keypoint_mse_loss(predicted: torch.Tensor, target: torch.Tensor, target_weig
         weight = target_weight.float().reshape(predicted.shape[0], predicted.shape[1], 1, 1)
         diff = diff * weight
     return 0.5 * diff.pow(2).mean()
-
-
-class JointsMSELoss(nn.Module):
-    """`keypoint_mse_loss` as a module, for code that wants a loss object."""
-
-    def __init__(self, use_target_weight: bool = True) -> None:
-        super().__init__()
-        self.use_target_weight = use_target_weight
-
-    def forward(self, predicted: torch.Tensor, target: torch.Tensor,
-                target_weight: torch.Tensor | None = None) -> torch.Tensor:
-        return keypoint_mse_loss(predicted, target, target_weight if self.use_target_weight else None)

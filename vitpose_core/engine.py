@@ -1,6 +1,6 @@
 """One training engine for every stage: a train step, an eval step and an epoch loop over batches.
 
-Pretraining, fine-tuning and (later) distillation differ only in the model they build and the loss
+Pretraining, fine-tuning and distillation differ only in the model they build and the loss
 they compute; the loss lives in a small ``Task`` object:
 
 * ``FinetuneTask``: ViTPose heatmaps vs. UDP Gaussian targets (weighted joints-MSE);
@@ -26,8 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from vitpose_core.codec import UDPHeatmapCodec, flip_heatmaps, keypoint_mse_loss
+from vitpose_core.codec import UDPHeatmapCodec, keypoint_mse_loss
 from vitpose_core.evaluation import PersonPrediction, evaluate_keypoints, rescore_and_nms
+from vitpose_core.inference import decode_to_image, run_model
 from vitpose_core.keypoints import KeypointSet
 
 Batch = Mapping[str, Any]
@@ -209,24 +210,6 @@ def run_epoch(
 
 
 @torch.no_grad()
-def predict_heatmaps(model: nn.Module, images: torch.Tensor, config: EngineConfig,
-                     flip_index: Sequence[int] | None = None) -> torch.Tensor:
-    """Heatmaps (B, K, h, w) in fp32; with ``flip_index``, averaged with the mirrored image's (flip test)."""
-    model.eval()
-    images = images.to(config.device, non_blocking=True)
-    with autocast(config):
-        heatmaps = model(images).float()
-        if flip_index is not None:
-            heatmaps = 0.5 * (heatmaps + flip_heatmaps(model(images.flip(-1)).float(), flip_index))
-    return heatmaps
-
-
-def apply_affines(points: np.ndarray, affines: np.ndarray) -> np.ndarray:
-    """Points (N, K, 2) -> points (N, K, 2) through per-sample (N, 2, 3) affines (e.g. input -> image pixels)."""
-    homogeneous = np.concatenate([points, np.ones_like(points[..., :1])], axis=-1)  # (N, K, 3)
-    return np.einsum("nij,nkj->nki", affines, homogeneous)
-
-
 def predict_keypoints(
     model: nn.Module,
     batches: Iterable[Batch],
@@ -237,19 +220,22 @@ def predict_keypoints(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Per batch: ``keypoints`` (B, K, 2) in original image pixels and ``scores`` (B, K).
 
-    Decoded keypoints are in model-input pixels; the batch's ``input_to_image`` (B, 2, 3) affine
-    (the inverse input warp composed with the shard's ``crop_to_image``) maps them back. Fields named
-    in ``passthrough`` are copied to the output, so an evaluator can match predictions to annotations;
-    ``input_area`` (B,) is the input crop's area in image pixels (what OKS-NMS uses).
+    The one inference path of the project (``vitpose_core.inference``): ``run_model`` (flip test in the same
+    forward pass) and ``decode_to_image`` through the batch's ``input_to_image`` (B, 2, 3) affine (the
+    inverse input warp composed with the shard's ``crop_to_image``), exactly as ``vitpose eval``, ``predict``
+    and serving decode. Fields named in ``passthrough`` are copied to the output, so an evaluator can match
+    predictions to annotations; ``input_area`` (B,) is the input crop's area in image pixels (what OKS-NMS uses).
     """
+    dtype = torch.bfloat16 if config.precision == "bf16" else None
+    model.eval()  # train_step switches back to train mode
     for batch in batches:
-        heatmaps = predict_heatmaps(model, batch["image"], config, flip_index)
-        keypoints, scores = codec.decode(heatmaps)
+        heatmaps = run_model(model, batch["image"], flip_test=flip_index is not None, flip_index=flip_index,
+                             dtype=dtype)
         input_to_image = np.asarray(_as_numpy(batch["input_to_image"]), dtype=np.float64)
+        decoded = decode_to_image(heatmaps, input_to_image, codec)  # (B, K, 3): x, y, score
         width, height = codec.input_size
         scale = np.abs(np.linalg.det(input_to_image[:, :, :2]))  # image px^2 per input px^2
-        out = {"keypoints": apply_affines(keypoints, input_to_image), "scores": scores,
-               "input_area": scale * width * height}
+        out = {"keypoints": decoded[..., :2], "scores": decoded[..., 2], "input_area": scale * width * height}
         for name in passthrough:
             if name in batch:
                 out[name] = _as_numpy(batch[name])

@@ -7,7 +7,7 @@ requests into one `run_model` call, and `decode_to_image` each request's slice:
     heatmaps = run_model(model, crops, flip_test=True, flip_index=keypoint_set.flip_index)
     keypoints = decode_to_image(heatmaps, crop_to_image, codec)  # [P, K, 3] (x, y, score)
 
-`input_size` is (w, h) here as in the codec; the model config's `img_size` is (H, W).
+`input_size` is (w, h) here, as in every config, the codec and the model config's `input_size`.
 """
 
 from __future__ import annotations
@@ -157,11 +157,11 @@ def decode_to_image(heatmaps: torch.Tensor | np.ndarray, crop_to_image: np.ndarr
 
 
 def model_input_size(model: nn.Module) -> tuple[int, int]:
-    """(w, h) from a model whose `config.img_size` is (H, W)."""
+    """(w, h) of a ViTPose model's input (its `config.input_size`)."""
     config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "img_size"):
-        raise ValueError("model has no config.img_size; pass input_size explicitly")
-    height, width = config.img_size
+    if config is None or not hasattr(config, "input_size"):
+        raise ValueError("model has no config.input_size; pass input_size explicitly")
+    width, height = config.input_size
     return int(width), int(height)
 
 
@@ -171,7 +171,7 @@ class TopDownPredictor:
     Args:
         model: returns heatmaps [N, K, h/4, w/4] for normalised crops [N, 3, h, w].
         keypoint_set: defaults to the model's `config.keypoint_set`.
-        input_size: (w, h); defaults to the model's `config.img_size` (H, W) swapped.
+        input_size: (w, h); defaults to the model's `config.input_size`.
         flip_test: average with the mirrored crop's heatmaps.
         dtype: autocast dtype (e.g. torch.bfloat16), None for float32.
         batch_size: crops per forward pass.

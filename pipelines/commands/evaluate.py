@@ -2,6 +2,11 @@
 
     vitpose eval --annotations GT.json --predictions PRED.json
     vitpose eval --checkpoint CKPT --annotations GT.json --images DIR [--detections DET.json] [--flip-test]
+    vitpose eval --checkpoint CKPT --shards DIR_OR_URI [--no-flip-test] [--precision fp32]
+
+With `--shards` the checkpoint is scored exactly as the finetune stage validates (and the register stage
+scores candidates): the val split of the shard set, ground-truth boxes, the same crops and decode, flip
+test and bf16 by default, so it reports the AP the training run logged.
 
 Prints the metrics as one JSON object on stdout.
 """
@@ -20,14 +25,19 @@ logger = logging.getLogger(__name__)
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("eval", help="COCO keypoint AP of a results file or of a checkpoint",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--annotations", required=True, type=Path, help="COCO keypoint annotation json")
+    parser.add_argument("--annotations", type=Path, help="COCO keypoint annotation json (with --shards: default "
+                        "the val annotations the shard manifest names)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--predictions", type=Path, help="COCO keypoint results json (evaluated as is)")
     source.add_argument("--checkpoint", type=Path, help="model checkpoint (own format dir or official .pth)")
     parser.add_argument("--images", type=Path, help="image directory (with --checkpoint)")
+    parser.add_argument("--shards", help="shard stage output (with --checkpoint): score on its val split")
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                        help="with --shards: autocast precision, as the training run's scaling.precision (bf16)")
     parser.add_argument("--detections", type=Path, help="COCO detection results json; default: ground-truth boxes")
     parser.add_argument("--det-score-thr", type=float, default=0.0, help="drop detections scoring below (0.0)")
-    parser.add_argument("--flip-test", action="store_true", help="average with horizontally flipped crops")
+    parser.add_argument("--flip-test", action=argparse.BooleanOptionalAction, default=None,
+                        help="average with horizontally flipped crops (default: off over --images, on over --shards)")
     parser.add_argument("--keypoint-set", default=None,
                         help="coco, aic or crowdpose; default: inferred from the annotation categories")
     parser.add_argument("--batch-size", type=int, default=32, help="crops per forward pass")
@@ -41,6 +51,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.output is not None:
         refuse_overwriting_inputs(args.output, [args.annotations, args.predictions, args.detections, args.checkpoint])
+    if args.shards is not None:
+        return _evaluate_on_shards(args)
+    if args.annotations is None:
+        raise ValueError("--annotations is required (except with --shards, whose manifest names them)")
     ground_truth = load_ground_truth(args.annotations)
     keypoint_set = infer_keypoint_set(ground_truth, args.keypoint_set)
     results = None
@@ -97,7 +111,7 @@ def _predict_results(args: argparse.Namespace, ground_truth, keypoint_set) -> li
     else:
         boxes = ground_truth_boxes(ground_truth)
     image_paths = {image_id: args.images / info["file_name"] for image_id, info in ground_truth.imgs.items()}
-    predictor = TopDownPredictor(model, keypoint_set, flip_test=args.flip_test, batch_size=args.batch_size)
+    predictor = TopDownPredictor(model, keypoint_set, flip_test=bool(args.flip_test), batch_size=args.batch_size)
     start = time.perf_counter()
     predictions = predict_dataset(predictor, image_paths, boxes)
     logger.info("predicted %d persons in %d images in %.1f s", len(predictions), len(boxes),
@@ -107,3 +121,30 @@ def _predict_results(args: argparse.Namespace, ground_truth, keypoint_set) -> li
         raise InvalidInputError(f"checkpoint {args.checkpoint} produced non-finite keypoints or scores for {broken} "
                                 f"of {len(predictions)} persons (NaN or Inf weights?)")
     return rescore_and_nms(predictions, keypoint_set.sigmas_array())
+
+
+def _evaluate_on_shards(args: argparse.Namespace) -> int:
+    """The finetune stage's own validation (pipelines.finetune.run.validate) of a checkpoint on a shard set."""
+    from pipelines.config import build_config
+    from pipelines.finetune.config import FinetuneConfig
+    from pipelines.finetune.run import validate
+    from pipelines.tracking import Tracker
+    from vitpose_core import load_model
+    from vitpose_core.inference import resolve_device
+
+    if args.checkpoint is None or args.images or args.detections or args.predictions:
+        raise ValueError("--shards goes with --checkpoint alone (ground-truth boxes of the shards' val split)")
+    model = load_model(args.checkpoint).to(resolve_device(args.device))
+    data = {"shards": args.shards, **({"val_annotations": str(args.annotations)} if args.annotations else {})}
+    config = build_config(FinetuneConfig, {
+        "model": {"variant": model.config.variant, "input_size": list(model.config.input_size)},
+        "data": data, "scaling": {"precision": args.precision}, "tracking": {"enabled": False},
+        "eval": {"flip_test": args.flip_test is not False, "batch_size": args.batch_size, "num_visualized": 0},
+    }, source="vitpose eval --shards")
+    metrics = {name.removeprefix("val_"): value for name, value in
+               validate(model, config, Tracker({}, active=False), epoch=0).items()}
+    print(json.dumps(metrics, indent=2))
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps({"metrics": metrics, "shards": args.shards}, allow_nan=False))
+    return 0

@@ -31,7 +31,7 @@ from pipelines.distill.config import DistillConfig
 from pipelines.finetune.run import build_finetune_model, export_best, validate
 from pipelines.session import connect_ray
 from pipelines.training.recipe import TrainingRecipe, check_schedule, export_uri, run_name, train_rows
-from pipelines.training.result import training_output
+from pipelines.training.result import run_training
 from pipelines.training.trainer import fit
 from vitpose_core.checkpoint import load_model
 from vitpose_core.distill import DistillTask, TokenTeacher, deployable_student, freeze, student_for_training
@@ -140,8 +140,7 @@ def resolve_teacher(config: DistillConfig) -> tuple[DistillConfig, dict[str, Any
                          f"{teacher_config.attention!r} (set distill.knowledge_token=false)")
     update: dict[str, Any] = {"teacher_checkpoint": teacher_uri}
     if "input_size" not in config.model.model_fields_set:  # default: the teacher's resolution
-        height, width = teacher_config.img_size
-        update["model"] = config.model.model_copy(update={"input_size": (width, height)})
+        update["model"] = config.model.model_copy(update={"input_size": teacher_config.input_size})
     info = {"teacher_name": resolved.name, "teacher_version": resolved.version, "teacher_source": resolved.source}
     return config.model_copy(update=update), info
 
@@ -174,6 +173,6 @@ def run_distill(config: DistillConfig) -> StageOutput:
         fit(TOKEN_RECIPE, token_config)
         config = config.model_copy(update={"token_checkpoint": export_uri(TOKEN_RECIPE, token_config)})
     recipe = student_recipe(config)
-    output = training_output(recipe, config, fit(recipe, config))
+    output = run_training(recipe, config)
     output.outputs.update(teacher, token_checkpoint=config.token_checkpoint)
     return output

@@ -24,11 +24,10 @@ from pipelines.data import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, iter_pose_batche
 from pipelines.finetune.config import FinetuneConfig
 from pipelines.tracking import Tracker
 from pipelines.training.recipe import TrainingRecipe
-from pipelines.training.result import training_output
-from pipelines.training.trainer import fit
+from pipelines.training.result import run_training
 from vitpose_core.checkpoint import load_checkpoint, save_checkpoint
 from vitpose_core.codec import UDPHeatmapCodec
-from vitpose_core.engine import EngineConfig, FinetuneTask, evaluate_coco_ap, predict_heatmaps
+from vitpose_core.engine import EngineConfig, FinetuneTask, evaluate_coco_ap, predict_keypoints
 from vitpose_core.evaluation import load_ground_truth
 from vitpose_core.keypoints import KEYPOINT_SETS
 from vitpose_core.mae import ENCODER_WEIGHTS_NAME, load_pretrained_encoder
@@ -106,8 +105,10 @@ def _log_predictions_png(model: ViTPose, batch: dict, codec: UDPHeatmapCodec, ke
                          engine: EngineConfig, config: FinetuneConfig, tracker: Tracker, epoch: int) -> None:
     """Draw predicted keypoints on the first val crops (input pixels) as one grid image."""
     count = min(config.eval.num_visualized, len(batch["image"]))
-    heatmaps = predict_heatmaps(model, batch["image"][:count], engine)
-    keypoints, scores = codec.decode(heatmaps)
+    # the evaluation's own decode, with identity affines: keypoints stay in input pixels, where they are drawn
+    identity = np.repeat(np.eye(2, 3)[None], count, axis=0)
+    out = next(predict_keypoints(model, [{"image": batch["image"][:count], "input_to_image": identity}], codec, engine))
+    keypoints, scores = out["keypoints"], out["scores"]
     images = batch["image"][:count].numpy().transpose(0, 2, 3, 1) * IMAGENET_STD_RGB + IMAGENET_MEAN_RGB
     tiles = [draw_poses(np.clip(image, 0, 255).astype(np.uint8),
                         np.concatenate([keypoints[i:i + 1], scores[i:i + 1, :, None]], axis=-1), keypoint_set,
@@ -135,4 +136,4 @@ def run_finetune(config: FinetuneConfig, **trainer_kwargs: Any) -> StageOutput:
 
     ``trainer_kwargs`` go to ``pipelines.training.trainer.build_trainer`` (``name``, ``callbacks``, ``train_fn``).
     """
-    return training_output(FINETUNE, config, fit(FINETUNE, config, **trainer_kwargs))
+    return run_training(FINETUNE, config, **trainer_kwargs)

@@ -15,8 +15,7 @@ from typing import Any
 from pipelines.contract import StageOutput
 from pipelines.pretrain.config import PretrainConfig
 from pipelines.training.recipe import TrainingRecipe
-from pipelines.training.result import training_output
-from pipelines.training.trainer import fit
+from pipelines.training.result import run_training
 from vitpose_core.engine import PretrainTask
 from vitpose_core.mae import MaskedAutoencoder, build_mae, save_pretrained_encoder
 from vitpose_core.models import variant_config
@@ -40,4 +39,4 @@ PRETRAIN = TrainingRecipe(name="pretrain", task=PretrainTask(), build_model=buil
 def run_pretrain(config: PretrainConfig, **trainer_kwargs: Any) -> StageOutput:
     """MAE-pretrain (or resume) as configured; the record names the encoder
     (``<storage_path>/<run name>/pretrain_export``)."""
-    return training_output(PRETRAIN, config, fit(PRETRAIN, config, **trainer_kwargs))
+    return run_training(PRETRAIN, config, **trainer_kwargs)

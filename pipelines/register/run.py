@@ -41,9 +41,8 @@ def val_ap_scorer(scoring: FinetuneConfig) -> ScoreFn:
         from vitpose_core.checkpoint import load_model
 
         model = load_model(checkpoint_dir)
-        height, width = model.config.img_size
         config = scoring.model_copy(update={
-            "model": scoring.model.model_copy(update={"input_size": (width, height)}),
+            "model": scoring.model.model_copy(update={"input_size": model.config.input_size}),
             "eval": scoring.eval.model_copy(update={"num_visualized": 0}),
         })
         return float(validate(model, config, Tracker({}, active=False), epoch=0)["val_AP"])

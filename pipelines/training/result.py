@@ -1,4 +1,4 @@
-"""A finished Ray Train run -> the stage record's outputs and metrics."""
+"""A training run to the end -> the stage record's outputs and metrics."""
 
 from __future__ import annotations
 
@@ -7,6 +7,15 @@ from typing import Any
 from pipelines import storage
 from pipelines.contract import StageOutput, numbers
 from pipelines.training.recipe import TrainingRecipe, export_uri, run_uri
+from pipelines.training.trainer import fit
+
+
+def run_training(recipe: TrainingRecipe, config: Any, *, name: str | None = None, **trainer_kwargs: Any) -> StageOutput:
+    """Run (or resume) ``recipe`` under ``config`` and return its record; ``name`` replaces the run name
+    (``checkpoint.name``), other keyword arguments go to ``build_trainer`` (``callbacks``, ``train_fn``)."""
+    if name:
+        config = config.model_copy(update={"checkpoint": config.checkpoint.model_copy(update={"name": name})})
+    return training_output(recipe, config, fit(recipe, config, **trainer_kwargs))
 
 
 def training_output(recipe: TrainingRecipe, config: Any, result: Any) -> StageOutput:

@@ -51,7 +51,7 @@ class ModelSection(StrictConfig):
 
     def overrides(self) -> dict[str, Any]:
         """Keyword overrides for ``build_model`` / ``variant_config``."""
-        fields: dict[str, Any] = {"img_size": (self.input_size[1], self.input_size[0]), "attention": self.attention,
+        fields: dict[str, Any] = {"input_size": tuple(self.input_size), "attention": self.attention,
                                   "window_size": self.window_size, "grad_checkpointing": self.grad_checkpointing,
                                   "drop_path_rate": self.drop_path_rate if self.drop_path_rate is not None
                                   else VARIANTS[self.variant].drop_path_rate}
