@@ -204,16 +204,23 @@ def oks_nms(keypoints: np.ndarray, scores: np.ndarray, areas: np.ndarray, sigmas
     return keep
 
 
+def instance_score(keypoint_scores: np.ndarray, box_score: float = 1.0,
+                   keypoint_score_threshold: float = KEYPOINT_SCORE_THRESHOLD) -> float:
+    """A person's score as mmpose's top-down rescoring computes it: box score x the mean of the keypoint
+    scores above `keypoint_score_threshold` (0 when none is)."""
+    keypoint_scores = np.asarray(keypoint_scores, np.float64)
+    confident = keypoint_scores[keypoint_scores > keypoint_score_threshold]
+    return float(box_score) * (float(confident.mean()) if len(confident) else 0.0)
+
+
 def rescore_and_nms(predictions: Sequence[PersonPrediction], sigmas: np.ndarray,
                     keypoint_score_threshold: float = KEYPOINT_SCORE_THRESHOLD,
                     nms_threshold: float | None = OKS_NMS_THRESHOLD) -> list[dict]:
     """Official top-down post-processing -> COCO results dicts {image_id, category_id, keypoints, score}."""
     by_image: dict[int, list[tuple[PersonPrediction, float]]] = defaultdict(list)
     for prediction in predictions:
-        keypoint_scores = prediction.keypoints[:, 2]
-        confident = keypoint_scores[keypoint_scores > keypoint_score_threshold]
-        mean_score = float(confident.mean()) if len(confident) else 0.0
-        by_image[prediction.image_id].append((prediction, prediction.box_score * mean_score))
+        score = instance_score(prediction.keypoints[:, 2], prediction.box_score, keypoint_score_threshold)
+        by_image[prediction.image_id].append((prediction, score))
     results = []
     for image_id, items in by_image.items():
         scores = np.array([score for _, score in items])

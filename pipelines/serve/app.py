@@ -39,8 +39,16 @@ from pipelines.serve.inputs import (
     read_body,
     validate_boxes,
 )
-from pipelines.serve.model import PoseModel
-from pipelines.serve.schemas import ErrorResponse, Health, ModelInfo, PoseRequestJSON, PoseResponse
+from pipelines.serve.model import InputSizeChanged, PoseModel
+from pipelines.serve.schemas import (
+    COCO_CATEGORY_PERSON,
+    CocoResult,
+    ErrorResponse,
+    Health,
+    ModelInfo,
+    PoseRequestJSON,
+    PoseResponse,
+)
 
 logger = logging.getLogger("ray.serve")
 
@@ -61,7 +69,16 @@ POSE_REQUEST_BODY = {"requestBody": {"required": True, "content": {
         "boxes": {"type": "string", "description": "JSON list of [x, y, w, h]"}}}},
     "image/jpeg": {"schema": {"type": "string", "format": "binary"},
                    "description": "raw image body (also image/png, image/webp, image/bmp); boxes in ?boxes="},
-}}}
+}}, "parameters": [
+    {"name": "format", "in": "query", "required": False, "schema": {"type": "string", "enum": ["default", "coco"]},
+     "description": "`coco`: answer a COCO keypoint results list [{image_id, category_id, keypoints, score}]"},
+    {"name": "image_id", "in": "query", "required": False,
+     "schema": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+     "description": "the image_id of the COCO results records (default 0)"},
+], "responses": {"200": {"description": "keypoints per person; a COCO results list with ?format=coco",
+                         "content": {"application/json": {"schema": {"anyOf": [
+                             {"$ref": "#/components/schemas/PoseResponse"},
+                             {"type": "array", "items": CocoResult.model_json_schema()}]}}}}}}
 
 
 def error_response(status: int, message: str, retry_after_s: int | None = None) -> JSONResponse:
@@ -92,6 +109,51 @@ async def _internal_error(request: Request, error: Exception) -> JSONResponse:
     return error_response(500, "internal server error")
 
 
+def response_format(query: Any) -> tuple[str, int]:
+    """(`default` | `coco`, image_id) from the query string; a 422 naming the bad parameter otherwise."""
+    fmt = query.get("format", "default")
+    if fmt not in ("default", "coco"):
+        raise RequestError(422, f"format must be 'default' or 'coco', got {fmt[:40]!r}")
+    raw_id = query.get("image_id")
+    if raw_id is None:
+        return fmt, 0
+    if fmt != "coco":
+        raise RequestError(422, "image_id is only used with format=coco")
+    if not (raw_id.isascii() and raw_id.isdigit()) or len(raw_id) > 19 or int(raw_id) > 2**63 - 1:
+        raise RequestError(422, f"image_id must be an integer in [0, 2^63), got {raw_id[:40]!r}")
+    return fmt, int(raw_id)
+
+
+def detection_scores(detections: Any, max_boxes: int) -> list[float]:
+    """The box scores in the order `boxes_from_detections` returns its boxes (1.0 for unscored boxes)."""
+    array = np.asarray(detections, dtype=np.float64)
+    if array.size == 0:
+        return []
+    array = array.reshape(len(array), -1)
+    if array.shape[1] != 5:
+        return [1.0] * min(len(array), max_boxes)
+    return (-np.sort(-array[:, 4], kind="stable"))[:max_boxes].tolist()
+
+
+def persons_json(boxes: np.ndarray, box_scores: list[float], keypoints: list[np.ndarray]) -> list[dict[str, Any]]:
+    """The response's persons: box, box score, keypoints (x, y, score), keypoint scores, person score."""
+    from vitpose_core.evaluation import instance_score
+
+    persons = []
+    for box, box_score, person in zip(boxes, box_scores, keypoints, strict=True):
+        persons.append({"box": box.tolist(), "box_score": float(box_score), "keypoints": person.tolist(),
+                        "keypoint_scores": person[:, 2].tolist(),
+                        "score": instance_score(person[:, 2], box_score)})
+    return persons
+
+
+def coco_results(persons: list[dict[str, Any]], image_id: int) -> list[dict[str, Any]]:
+    """Persons -> COCO keypoint results records (keypoints flat [x1, y1, s1, ...], s = keypoint score)."""
+    return [{"image_id": image_id, "category_id": COCO_CATEGORY_PERSON,
+             "keypoints": [value for point in person["keypoints"] for value in point], "score": person["score"]}
+            for person in persons]
+
+
 def _is_unavailable(error: BaseException) -> bool:
     """A model replica died, was rejected by backpressure, or is not there yet: the client should retry."""
     from ray.exceptions import ActorUnavailableError, RayActorError
@@ -113,9 +175,10 @@ class PoseIngress:
         self.whole_image = WholeImageDetector()
         self._model_info: dict[str, Any] | None = None
 
-    async def model_info(self) -> dict[str, Any]:
-        """The model's identity and input size, fetched from a model replica once and cached."""
-        if self._model_info is None:
+    async def model_info(self, fresh: bool = False) -> dict[str, Any]:
+        """The model's identity and input size from a model replica, cached until a response shows
+        another version (a promotion) or `fresh` asks a replica now."""
+        if self._model_info is None or fresh:
             try:
                 self._model_info = await self.model.info.remote()
             except Exception as error:
@@ -126,14 +189,16 @@ class PoseIngress:
 
     @api.get("/healthz", response_model=Health, responses=ERROR_RESPONSES)
     async def healthz(self) -> Health:
-        """200 once a model replica has answered; 503 while none has."""
-        info = await self.model_info()
+        """200 once a model replica answers; 503 while none does."""
+        info = await self.model_info(fresh=True)
         return Health(status="ok", model=info["name"], version=info["version"])
 
     @api.get("/v1/model", response_model=ModelInfo, responses=ERROR_RESPONSES)
     async def model_description(self) -> ModelInfo:
-        """The served model: name, version, source, keypoint names, input size, dtype, flip test."""
-        info = await self.model_info()
+        """The served model as a replica reports it now: name, version, source, keypoints, input size,
+        dtype, flip test, and the alias it watches for promotions. During a promotion, replicas that
+        have swapped report the new version and the others the old one."""
+        info = await self.model_info(fresh=True)
         return ModelInfo(**{key: value for key, value in info.items() if key in ModelInfo.model_fields})
 
     @api.post("/v1/pose", response_model=PoseResponse, responses=ERROR_RESPONSES, openapi_extra=POSE_REQUEST_BODY)
@@ -146,21 +211,27 @@ class PoseIngress:
             raise RequestError(504, f"request took longer than {self.config.request_timeout_s} s") from None
 
     async def _pose(self, request: Request) -> JSONResponse:
+        fmt, image_id = response_format(request.query_params)
         image_bytes, raw_boxes = await self._read_request(request)
         info = await self.model_info()
         limits = self.config.limits
         # decoding and warping release the GIL: run them off the event loop so other requests proceed
         image = await asyncio.to_thread(decode_image, image_bytes, limits)
         height, width = image.shape[:2]
+        box_scores = None
         if raw_boxes is None:
-            raw_boxes = await self._detect(image)
+            raw_boxes, box_scores = await self._detect(image)
         boxes = validate_boxes(raw_boxes, (width, height), limits)
-        keypoints = await self._keypoints(image, boxes, tuple(info["input_size"]), int(info["max_batch_size"]))
-        persons = [{"box": box.tolist(), "keypoints": person.tolist()}
-                   for box, person in zip(boxes, keypoints, strict=True)]
+        if box_scores is None:
+            box_scores = [1.0] * len(boxes)  # client boxes carry no score: the person score is the keypoints'
+        keypoints, identity = await self._keypoints(image, boxes, info)
         # a plain dict: the response is built from our own numbers, re-validating them costs CPU per request
-        return JSONResponse({"model": info["name"], "version": info["version"], "image_size": [width, height],
-                             "persons": persons})
+        persons = persons_json(boxes, box_scores, keypoints)
+        if fmt == "coco":
+            return JSONResponse(coco_results(persons, image_id),
+                                headers={"X-Model-Version": identity["version"], "X-Model-Name": identity["name"]})
+        return JSONResponse({"model": identity["name"], "version": identity["version"],
+                             "image_size": [width, height], "persons": persons})
 
     async def _read_request(self, request: Request) -> tuple[bytes, Any]:
         """(encoded image, raw boxes or None) from a JSON, multipart or raw-image body."""
@@ -197,7 +268,8 @@ class PoseIngress:
         finally:
             await form.close()
 
-    async def _detect(self, image: np.ndarray) -> list[list[float]]:
+    async def _detect(self, image: np.ndarray) -> tuple[list[list[float]], list[float]]:
+        """(boxes [x, y, w, h], box scores) of the detector (or the whole image), best first."""
         if self.detector is None:
             detections = self.whole_image.detect(image)
         else:
@@ -207,27 +279,54 @@ class PoseIngress:
                 if _is_unavailable(error):
                     raise RequestError(503, "detector unavailable", self.config.retry_after_s) from None
                 raise
-        return boxes_from_detections(detections, self.config.limits.max_boxes)
+        max_boxes = self.config.limits.max_boxes
+        return boxes_from_detections(detections, max_boxes), detection_scores(detections, max_boxes)
 
-    async def _keypoints(self, image: np.ndarray, boxes: np.ndarray, input_size: tuple[int, int],
-                         max_batch_size: int) -> list[np.ndarray]:
-        """Crops -> model deployment in calls of <= max_batch_size crops -> keypoints [K, 3] per box."""
+    async def _keypoints(self, image: np.ndarray, boxes: np.ndarray, info: dict[str, Any]
+                         ) -> tuple[list[np.ndarray], dict[str, str]]:
+        """Crops -> model deployment in calls of <= max_batch_size crops -> (keypoints [K, 3] per box,
+        the {name, version} that computed them).
+
+        During a promotion a request can meet a replica whose model has another input size than the
+        crops were cut for, or (over several calls) replicas on two versions: it is cut again with
+        the model info as it is now, so every response comes from one version.
+        """
+        for attempt in range(3):
+            results = await self._keypoints_once(image, boxes, info)
+            if results is not None:
+                identities = {(result["name"], result["version"]) for result in results}
+                if len(identities) <= 1:
+                    if results and results[0]["version"] != info["version"]:
+                        self._model_info = None  # a promotion: re-read input size and identity next time
+                    keypoints = [person for result in results for person in result["keypoints"]]
+                    identity = {"name": results[0]["name"], "version": results[0]["version"]} if results \
+                        else {"name": info["name"], "version": info["version"]}
+                    return keypoints, identity
+            if attempt < 2:
+                info = await self.model_info(fresh=True)
+        raise RequestError(503, "the model is being replaced, retry", self.config.retry_after_s)
+
+    async def _keypoints_once(self, image: np.ndarray, boxes: np.ndarray, info: dict[str, Any]
+                              ) -> list[dict[str, Any]] | None:
+        """The model's answers for each call, or None when the crops no longer fit the served model."""
         from vitpose_core.inference import prepare_crops
 
         if len(boxes) == 0:
             return []
-        crops, crop_to_image = await asyncio.to_thread(prepare_crops, image, boxes, input_size)
+        max_batch_size = int(info["max_batch_size"])
+        crops, crop_to_image = await asyncio.to_thread(prepare_crops, image, boxes, tuple(info["input_size"]))
         crops_np = crops.numpy()
         calls = [self.model.predict.remote(crops_np[start:start + max_batch_size],
                                            crop_to_image[start:start + max_batch_size])
                  for start in range(0, len(crops_np), max_batch_size)]
         try:
-            results = await asyncio.gather(*calls)
+            return list(await asyncio.gather(*calls))
+        except InputSizeChanged:
+            return None
         except Exception as error:
             if _is_unavailable(error):
                 raise RequestError(503, "model replica unavailable, retry", self.config.retry_after_s) from None
             raise
-        return [person for chunk in results for person in chunk]
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -270,6 +369,9 @@ def bind_app(config: ServeConfig) -> serve.Application:
             "initial_replicas": scaling.initial_replicas, "target_ongoing_requests": scaling.target_ongoing_requests,
             "upscale_delay_s": scaling.upscale_delay_s, "downscale_delay_s": scaling.downscale_delay_s,
         }
+    # the model source is also the deployment's user_config: changing it in `serve deploy` or a RayService
+    # reloads running replicas in place (PoseModel.reconfigure) instead of replacing them
+    model_options["user_config"] = {"model": config.model.model_dump(mode="json")}
     model = PoseModel.options(**model_options).bind(config_json)
 
     detector = None

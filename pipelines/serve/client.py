@@ -3,6 +3,8 @@
     client = PoseClient("http://127.0.0.1:8000")
     result = client.predict("people.jpg", boxes=[[10, 20, 100, 220]])
     result["persons"][0]["keypoints"]  # K x (x, y, score) in image pixels
+    result["persons"][0]["score"]      # person score: box score x mean confident keypoint score
+    client.predict_coco("people.jpg", image_id=42)  # COCO results records [{image_id, category_id, keypoints, score}]
 
 Files are uploaded as they are (multipart); numpy arrays (RGB uint8 [H, W, 3]) are encoded as PNG,
 which is lossless, so the server sees exactly the pixels of the array.
@@ -58,8 +60,17 @@ class PoseClient:
         """Keypoints of the people in `image` (a path, encoded bytes, or an RGB uint8 array).
 
         Returns the response JSON: `model`, `version`, `image_size` (w, h) and `persons`, each with its
-        `box` [x, y, w, h] and `keypoints` K x [x, y, score].
+        `box` [x, y, w, h], `box_score`, `keypoints` K x [x, y, score], `keypoint_scores` and `score`.
         """
+        return self._predict(image, boxes, params=None)
+
+    def predict_coco(self, image: str | Path | np.ndarray | bytes, boxes: list[list[float]] | np.ndarray | None = None,
+                     image_id: int = 0) -> list[dict[str, Any]]:
+        """Like `predict`, answered as COCO keypoint results: [{image_id, category_id, keypoints, score}]."""
+        return self._predict(image, boxes, params={"format": "coco", "image_id": str(int(image_id))})
+
+    def _predict(self, image: str | Path | np.ndarray | bytes, boxes: list[list[float]] | np.ndarray | None,
+                 params: dict[str, str] | None) -> Any:
         if isinstance(image, np.ndarray):
             data, name = encode_png(image), "image.png"
         elif isinstance(image, bytes):
@@ -70,7 +81,7 @@ class PoseClient:
         form = {}
         if boxes is not None:
             form["boxes"] = json.dumps(np.asarray(boxes, dtype=float).reshape(-1, 4).tolist())
-        return self._request("POST", "/v1/pose", files={"image": (name, data)}, data=form)
+        return self._request("POST", "/v1/pose", files={"image": (name, data)}, data=form, params=params)
 
     def model_info(self) -> dict[str, Any]:
         return self._request("GET", "/v1/model")
@@ -78,7 +89,7 @@ class PoseClient:
     def health(self) -> dict[str, Any]:
         return self._request("GET", "/healthz")
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
         for attempt in range(self.retries + 1):
             response = self.session.request(method, self.url + path, timeout=self.timeout_s, **kwargs)
             if response.status_code == 503 and attempt < self.retries:

@@ -16,21 +16,29 @@ from pipelines.config import StrictConfig
 
 
 class ModelSourceConfig(StrictConfig):
-    """Where the served model comes from; the first of `checkpoint`, `run_id`, registry alias that is set wins.
+    """Where the served model comes from; the first of `checkpoint`, `run_id`, `version`, alias that is set wins.
 
     - `checkpoint`: a local path (or path on every node) to an own-format checkpoint directory or an
       official ViTPose `.pth`;
     - `run_id`: an MLflow run that logged the checkpoint with `pipelines.registry.log_checkpoint_model`
       under `artifact_path`;
-    - otherwise the registered model `registered_model` at alias `alias` (default `champion`).
+    - `version`: registered model `registered_model`, this version (pins it: a rollback);
+    - otherwise the registered model `registered_model` at alias `alias` (default `champion`). Model
+      replicas poll the alias every `watch_interval_s` seconds and swap in the version it points at
+      (zero-downtime promotion, docs/serving.md); 0 turns the watch off.
+
+    This section is also the model deployment's Serve `user_config`: `serve deploy` with a changed
+    `user_config` makes running replicas load the new source in place (`PoseModel.reconfigure`).
     """
 
     checkpoint: str | None = None
     run_id: str | None = None
     artifact_path: str = "model"
     registered_model: str = "vitpose"
+    version: str | None = Field(None, pattern=r"^[1-9][0-9]{0,9}$")
     alias: str = "champion"
     tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI from the replica's environment
+    watch_interval_s: float = Field(30.0, ge=0, le=86400)
 
     @property
     def uri(self) -> str:
@@ -39,7 +47,14 @@ class ModelSourceConfig(StrictConfig):
             return self.checkpoint
         if self.run_id:
             return f"runs:/{self.run_id}/{self.artifact_path}"
+        if self.version:
+            return f"models:/{self.registered_model}/{self.version}"
         return f"models:/{self.registered_model}@{self.alias}"
+
+    @property
+    def watches_alias(self) -> bool:
+        """True when the source is a registry alias that replicas poll for promotions."""
+        return not (self.checkpoint or self.run_id or self.version) and self.watch_interval_s > 0
 
 
 class BatchingConfig(StrictConfig):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 Box = tuple[float, float, float, float]
+COCO_CATEGORY_PERSON = 1
 
 
 class PoseRequestJSON(BaseModel):
@@ -24,8 +25,21 @@ class PoseRequestJSON(BaseModel):
 
 class Person(BaseModel):
     box: Box = Field(..., description="the person box [x, y, w, h] the keypoints were predicted in")
+    box_score: float = Field(..., description="the detector's score of the box; 1.0 for boxes the client sent")
     keypoints: list[tuple[float, float, float]] = Field(..., description="K keypoints as (x, y, score) "
                                                                          "in image pixels")
+    keypoint_scores: list[float] = Field(..., description="the K keypoint scores (heatmap maxima), as in keypoints")
+    score: float = Field(..., description="person score as mmpose rescores top-down results: box_score x the "
+                                          "mean of the keypoint scores above 0.2 (0 when none is)")
+
+
+class CocoResult(BaseModel):
+    """One record of the COCO keypoint results format (`POST /v1/pose?format=coco`)."""
+
+    image_id: int = Field(..., description="the request's ?image_id= (default 0)")
+    category_id: int = Field(COCO_CATEGORY_PERSON, description="1: person")
+    keypoints: list[float] = Field(..., description="[x1, y1, s1, x2, y2, s2, ...]: K (x, y, keypoint score)")
+    score: float = Field(..., description="the person score (see Person.score)")
 
 
 class ModelInfo(BaseModel):
@@ -38,6 +52,11 @@ class ModelInfo(BaseModel):
     input_size: tuple[int, int] = Field(..., description="crop size (W, H) fed to the model")
     dtype: str
     flip_test: bool
+    watching: str | None = Field(None, description="the registry alias the replicas poll for promotions, if any")
+    watch_interval_s: float | None = None
+    last_alias_check: float | None = Field(None, description="unix time of the replica's last alias poll")
+    promotion_error: str | None = Field(None, description="why the version the alias points at could not be "
+                                                          "loaded (the previous version is still served)")
 
 
 class PoseResponse(BaseModel):
