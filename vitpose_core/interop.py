@@ -288,10 +288,9 @@ def build_hf_model(config: ViTPoseConfig, state: dict[str, torch.Tensor] | None 
         image_size=list(config.img_size), patch_size=[config.patch_size] * 2, hidden_size=config.embed_dim,
         num_hidden_layers=config.depth, num_attention_heads=config.num_heads,
         mlp_ratio=config.mlp_hidden_dim // config.embed_dim, qkv_bias=config.qkv_bias, layer_norm_eps=1e-6,
-        out_indices=[config.depth], hidden_act="gelu",
+        out_indices=[config.depth], hidden_act="gelu", num_experts=max(1, config.num_experts),
+        part_features=config.part_features or 256,
     )
-    if config.num_experts:
-        backbone.num_experts, backbone.part_features = config.num_experts, config.part_features
     hf_config = VitPoseConfig(backbone_config=backbone, use_simple_decoder=config.decoder == "simple",
                               num_labels=config.num_keypoints)
     model = VitPoseForPoseEstimation(hf_config)
