@@ -266,3 +266,34 @@ def test_unknown_formats_say_what_was_expected_and_found(tmp_path):
     torch.save({"state_dict": {"conv1.weight": torch.zeros(1), "fc.bias": torch.zeros(1)}}, other)
     with pytest.raises(CheckpointError, match=r"resnet\.pth: unknown checkpoint format.*conv1\.weight"):
         load_model(other)
+
+
+def test_official_multi_task_file_without_experts_loads_every_decoder(official_plus, tmp_path):
+    """ViTPose's COCO+AIC+MPII multi-task checkpoints: plain FFNs, three decoders."""
+    _, state = official_plus
+    plain = _model_split(state, 0)  # fc2 + expert 0 rows: plain FFNs
+    for head in (1, 2):
+        for key, value in state.items():
+            if key.startswith(f"associate_keypoint_heads.{head - 1}."):
+                plain[key] = value
+    path = tmp_path / "vitpose_small_coco_aic_mpii.pth"
+    torch.save({"state_dict": plain}, path)
+    model = load_model(path)
+    assert model.config.dataset_names == ["coco", "aic", "mpii"] and model.config.num_experts == 0
+    with torch.no_grad():
+        assert model(X[:1], dataset_index=2).shape[1] == 16
+
+
+def test_hf_keypoint_names_and_refusals(tmp_path):
+    from vitpose_core.interop import HFFormatError
+
+    theirs = _hf_model(1, True)
+    theirs.config.id2label = {i: name for i, name in enumerate(["x"] * 17)}  # names that say nothing
+    theirs.save_pretrained(tmp_path / "plain")
+    assert load_model(tmp_path / "plain", keypoint_set="posetrack18").config.keypoint_set == "posetrack18"
+    with pytest.raises(HFFormatError, match="14"):
+        load_model(tmp_path / "plain", keypoint_set="aic")
+    windowed = build_model("vitpose-tiny", embed_dim=96, depth=2, num_heads=3, mlp_hidden_dim=384, decoder="simple",
+                           attention="window", window_size=4)
+    with pytest.raises(HFFormatError, match="attention 'window'"):
+        save_hf_directory(windowed, tmp_path / "windowed")
