@@ -65,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"vitpose {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM/SIGHUP once Ray is up (pipelines.session)
+        reason = str(interrupt) or "interrupted"
+        print(f"vitpose {args.command}: {reason}; run the same command again to resume", file=sys.stderr)
+        return 130
 
 
 def user_error_message(error: BaseException) -> str | None:

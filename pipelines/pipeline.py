@@ -106,14 +106,16 @@ class PipelineConfig(StrictConfig):
 
 def select_stages(all_names: list[str], stages: list[str] | None = None, start: str | None = None) -> list[str]:
     """The stages to run, in pipeline order, from `--stages a,b` or `--from name` (not both)."""
-    if stages and start:
+    if stages is not None and start:
         raise ValueError("give either --stages or --from, not both")
+    if stages is not None and not stages:
+        raise ConfigError(f"the stage selection is empty; name stages from: {', '.join(all_names)}")
     for name in [*(stages or []), *([start] if start else [])]:
         if name not in all_names:
             raise ValueError(f"unknown stage {name!r}; stages are: {', '.join(all_names)}")
     if start:
         return all_names[all_names.index(start):]
-    if stages:
+    if stages is not None:
         return [name for name in all_names if name in stages]
     return list(all_names)
 
@@ -138,12 +140,19 @@ def validate_sections(config: PipelineConfig, specs: list[StageSpec] | None = No
     return configs
 
 
-def load_pipeline_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
-    """A PipelineConfig from YAML (default: the embedded `pipelines/configs/local.yaml`) plus `--set` overrides,
-    with every stage's config validated strictly by that stage."""
-    from pipelines.config import load_config
+def load_pipeline_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                         overlays: list[str | Path] | None = None) -> PipelineConfig:
+    """A PipelineConfig from YAML (default: the embedded `pipelines/configs/local.yaml`), each `--overlay` YAML
+    deep-merged over it in order (mappings merge key by key, lists and values replace), then `--set`
+    overrides, with every stage's config validated strictly by that stage."""
+    from pipelines.config import build_config, deep_merge, load_yaml
 
-    config = load_config(PipelineConfig, path or DEFAULT_CONFIG, overrides)
+    source = str(path or DEFAULT_CONFIG)
+    data = load_yaml(path or DEFAULT_CONFIG)
+    for overlay in overlays or []:
+        data = deep_merge(data, load_yaml(overlay))
+        source += f" + overlay {overlay}"
+    config = build_config(PipelineConfig, data, overrides, source=source)
     validate_sections(config)
     return config
 
@@ -167,7 +176,8 @@ def run_pipeline(config: PipelineConfig, stages: list[str] | None = None, start:
     specs = specs or STAGES
     reporter = reporter or Reporter()
     names = [spec.name for spec in specs]
-    selected = select_stages(names, stages or (list(config.stages) if config.stages else None), start)
+    selected = select_stages(names, stages if stages is not None else
+                             (list(config.stages) if config.stages is not None else None), start)
     validate_sections(config, specs)
     workdir = config.workdir_uri
     tracking_uri, default_artifacts = resolve_tracking_uri(config.mlflow.tracking_uri, workdir)

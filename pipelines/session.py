@@ -44,9 +44,33 @@ def connect_ray(*, address: str | None = None, num_cpus: int | None = None, incl
     # own per-stage bars
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     ray.init(configure_logging=False, **kwargs)
+    stop_on_signals()
     if address:
         return address
     return f"local ({ray.get_runtime_context().gcs_address}, {int(ray.cluster_resources().get('CPU', 0))} CPUs)"
+
+
+def stop_on_signals() -> None:
+    """SIGTERM and SIGHUP interrupt the driver as Ctrl-C does, so its `finally` blocks run: the stage's MLflow
+    run ends KILLED, no record is written (the rerun resumes from checkpoints), and `disconnect_ray` stops
+    a private cluster. Ray's own SIGTERM handler exits without them and left its processes behind."""
+    import signal
+    import threading
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
+
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, interrupt)
+
+
+def disconnect_ray() -> None:
+    """Leave the cluster; a private local cluster started by `connect_ray` stops with it."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def resolve_tracking_uri(configured: str | None, workdir: str) -> tuple[str, str | None]:

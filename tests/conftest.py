@@ -18,6 +18,18 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# modules whose tests start Ray (a session cluster, a test cluster of their own, Serve or the rehearsal
+# cluster) without the `ray_local` fixture; `-m "not ray"` runs the unit tests alone, in seconds
+RAY_MODULES = {"test_ray_job", "test_serve", "test_serve_fuzz", "test_serve_detector", "test_serve_promotion",
+               "test_rehearsal_infra", "test_rehearsal", "test_registry"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if "ray_local" in getattr(item, "fixturenames", ()) or item.module.__name__ in RAY_MODULES:
+            item.add_marker(pytest.mark.ray)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

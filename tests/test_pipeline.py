@@ -10,9 +10,11 @@ that resumed finetune from its checkpoint, then rerun again to skip everything.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -190,3 +192,48 @@ def test_vitpose_run_killed_during_finetune_resumes_then_serves_and_skips(tmp_pa
     assert third.returncode == 0, (third.stdout + third.stderr)[-4000:]
     assert third.stdout.count("skipped (same config and inputs)") == 6  # serve always starts the endpoint
     assert time.perf_counter() - started < 90
+
+
+def _session_processes(temp_root: Path) -> list[str]:
+    """Command lines of live processes that belong to a Ray cluster whose temp dir is under `temp_root`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if proc.name.isdigit() and str(temp_root) in cmdline:
+            found.append(f"{proc.name}: {cmdline[:120]}")
+    return found
+
+
+def test_sigterm_stops_the_private_cluster_and_the_rerun_resumes(tmp_path: Path) -> None:
+    """SIGTERM mid-run: exit 130, no Ray process of that run left behind, finished stages kept; the same
+    command then finishes (the shard stage is skipped, the interrupted one runs again)."""
+    workdir = tmp_path / "runs"
+    ray_tmp = Path(tempfile.mkdtemp(prefix="vpr-sigterm-", dir="/tmp"))  # Ray's socket paths must stay < 108 bytes
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": str(ray_tmp)}
+    env.pop("RAY_ADDRESS", None)
+    command = [*_tiny_run_command(workdir), "--stages", "shard,pretrain"]
+    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+    deadline = time.time() + 300
+    while read_record(str(workdir / "shard")) is None:
+        assert first.poll() is None, first.stdout.read()[-3000:]
+        assert time.time() < deadline, "the shard stage did not finish in time"
+        time.sleep(0.5)
+    assert _session_processes(ray_tmp), "the run's Ray cluster is not up"
+    first.send_signal(signal.SIGTERM)
+    out = first.communicate(timeout=120)[0]
+    assert first.returncode == 130, out[-3000:]
+    assert "stopped by signal SIGTERM; run the same command again to resume" in out
+    deadline = time.time() + 30
+    while _session_processes(ray_tmp) and time.time() < deadline:
+        time.sleep(1)
+    assert not _session_processes(ray_tmp), _session_processes(ray_tmp)
+    assert read_record(str(workdir / "pretrain")) is None
+
+    second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
+    assert "skipped (same config and inputs)" in second.stdout and read_record(str(workdir / "pretrain"))
+    shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -113,6 +113,32 @@ def test_rerun_is_a_no_op_and_force_reproduces_the_same_rows(sharded):
         run_shard(changed)
 
 
+def test_the_stage_deletes_only_what_it_wrote_and_refuses_to_overwrite_other_files(ray_local, shared_data, tmp_path):
+    out = tmp_path / "out"
+    (out / "shards").mkdir(parents=True)
+    theirs = out / "shards" / "notes.txt"
+    theirs.write_text("not a shard")
+    beside = out / "README.md"  # beside the stage's folders: never the stage's business
+    beside.write_text("keep me")
+    config = ShardConfig.model_validate({"sources": sample_sources(shared_data)[:1], "out": str(out)})
+    with pytest.raises(ValueError, match=r"holds files vitpose shard did not write \(shards/notes\.txt\)"):
+        run_shard(config)
+    assert theirs.read_text() == "not a shard" and not (out / "manifest.json").exists()
+
+    theirs.unlink()
+    manifest = run_shard(config)
+    assert manifest["totals"]["rows_out"] > 0 and beside.read_text() == "keep me"
+    owned = set(json.loads((out / ".vitpose-shard.json").read_text())["files"])
+    assert owned == {f["path"] for f in manifest["files"]} | {"manifest.json"}
+    # a file dropped in after the run is refused on the forced rerun; the stage's own files are replaced
+    late = out / "shards" / "extra.parquet"
+    late.write_bytes(b"x")
+    with pytest.raises(ValueError, match="extra.parquet"):
+        run_shard(config, force=True)
+    late.unlink()
+    assert run_shard(config, force=True)["files"] == manifest["files"] and beside.read_text() == "keep me"
+
+
 def test_damaged_inputs_are_skipped_with_reasons(ray_local, shared_data, tmp_path):
     images = tmp_path / "images"
     shutil.copytree(shared_data / "coco", images, ignore=shutil.ignore_patterns("*.json", "*.md"))

@@ -12,6 +12,7 @@ Output layout under `out` (a local directory or an s3:// prefix):
     out/manifest.json          schema version, config, inputs with hashes, counts, every skip
     out/shards/part-*.parquet  one row per person crop (schema: docs/data.md)
     out/_skipped/*.json        task side output, removed once merged into the manifest
+    out/.vitpose-shard.json    the files this stage wrote: a rerun deletes those and refuses to touch others
 
 The manifest is written last and doubles as the completion marker: a rerun with the same config
 and inputs finds it and returns at once; `force=True` redoes the work.
@@ -41,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 SHARDS_DIR, SKIPPED_DIR, MANIFEST = "shards", "_skipped", "manifest.json"
+OWNERSHIP = ".vitpose-shard.json"  # what this stage wrote under its output, so a rerun deletes only that
 
 
 def run_shard(config: ShardConfig, force: bool = False) -> dict[str, Any]:
@@ -59,11 +61,8 @@ def run_shard(config: ShardConfig, force: bool = False) -> dict[str, Any]:
             return previous
         raise ValueError(f"{out} already holds shards made from other inputs or another config; "
                          "pass --force to replace them or choose another --out")
-    # a forced rerun or an interrupted run (no manifest yet): clear only what this stage writes
-    storage.delete_dir(storage.join(out, SHARDS_DIR))
-    storage.delete_dir(storage.join(out, SKIPPED_DIR))
-    if storage.exists(manifest_uri):
-        _delete_file(manifest_uri)
+    # a forced rerun or an interrupted run (no manifest yet): clear what this stage wrote, and nothing else
+    _claim_output(out)
 
     start = time.perf_counter()
     records_in: Counter[str] = Counter()
@@ -109,11 +108,49 @@ def run_shard(config: ShardConfig, force: bool = False) -> dict[str, Any]:
         "skipped_files": file_skips,
         "skipped": skipped,
     }
+    _write_ownership(out, "done", [*(f["path"] for f in files), MANIFEST])
     storage.write_text(manifest_uri, json.dumps(manifest, indent=1, sort_keys=False))
     logger.info("sharded %d records into %d rows (%d skipped, %d files unreadable) in %.1f s -> %s",
                 manifest["totals"]["records_in"], manifest["totals"]["rows_out"], len(skipped),
                 len(file_skips), time.perf_counter() - start, out)
     return manifest
+
+
+def _written_here(out: str) -> list[str]:
+    """Paths (relative to `out`) of the files in the places this stage writes: shards/, _skipped/, the manifest."""
+    found = [uri[len(out) + 1:] for directory in (SHARDS_DIR, SKIPPED_DIR)
+             for uri in storage.list_files(storage.join(out, directory), recursive=True)]
+    return found + ([MANIFEST] if storage.exists(storage.join(out, MANIFEST)) else [])
+
+
+def _write_ownership(out: str, state: str, files: list[str]) -> None:
+    storage.write_text(storage.join(out, OWNERSHIP), json.dumps({"writer": "vitpose shard", "state": state,
+                                                                 "files": sorted(files)}, indent=1))
+
+
+def _claim_output(out: str) -> None:
+    """Delete what an earlier run of this stage wrote under `out`; refuse when anything else is in its way.
+
+    The stage owns only the files its ownership marker lists (or, while a run is writing, its own folders,
+    which held nothing foreign when it claimed them). A file that someone else put in shards/ or _skipped/
+    stops the run with its name instead of being deleted; files elsewhere under `out` are never touched.
+    """
+    present = _written_here(out)
+    marker_uri = storage.join(out, OWNERSHIP)
+    marker = json.loads(storage.read_text(marker_uri)) if storage.exists(marker_uri) else None
+    if marker is None:
+        foreign = present
+    elif marker.get("state") == "writing":
+        foreign = []
+    else:
+        foreign = sorted(set(present) - set(marker.get("files", [])))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ValueError(f"{out} holds files vitpose shard did not write ({shown}); they would be overwritten: "
+                         "move them, or choose another --out")
+    _write_ownership(out, "writing", [])
+    for relative in present:
+        _delete_file(storage.join(out, relative))
 
 
 def _delete_file(uri: str) -> None:
