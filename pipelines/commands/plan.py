@@ -15,6 +15,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("plan", help="show every stage's effective config and resources; run nothing",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="pipeline YAML (default: the embedded pipelines/configs/local.yaml)")
+    parser.add_argument("--overlay", dest="overlays", action="append", default=[], metavar="YAML",
+                        help="a YAML file deep-merged over the config before --set (repeatable), e.g. "
+                        "infra/rehearsal/overlay.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set finetune.optim.lr=1e-3 (repeatable)")
     parser.add_argument("--cluster", default=None, help="Ray cluster YAML whose node types must fit every worker "
@@ -29,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.pipeline import load_pipeline_config
     from pipelines.plan import DEFAULT_CLUSTER, build_plan
 
-    config = load_pipeline_config(args.config, args.overrides)
+    config = load_pipeline_config(args.config, args.overrides, args.overlays)
     plan = build_plan(config, args.cluster or DEFAULT_CLUSTER)
     if args.json:
         print(json.dumps(plan, indent=1))

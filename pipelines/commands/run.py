@@ -21,6 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("run", help="run the whole pipeline (shard -> ... -> serve)", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="pipeline YAML (default: the embedded pipelines/configs/local.yaml)")
+    parser.add_argument("--overlay", dest="overlays", action="append", default=[], metavar="YAML",
+                        help="a YAML file deep-merged over the config before --set (repeatable), e.g. "
+                        "infra/rehearsal/overlay.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set finetune.epochs=2 (repeatable)")
     selection = parser.add_mutually_exclusive_group()
@@ -67,23 +70,27 @@ def summary_lines(results: list[Any], config: Any, tracking_uri: str) -> list[st
 
 def run(args: argparse.Namespace) -> int:
     from pipelines.pipeline import load_pipeline_config, run_pipeline
-    from pipelines.session import resolve_tracking_uri
+    from pipelines.session import disconnect_ray, resolve_tracking_uri
 
-    config = load_pipeline_config(args.config, args.overrides)
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
-    results = run_pipeline(config, stages=stages, start=args.start, force=args.force)
-    tracking_uri, _ = resolve_tracking_uri(config.mlflow.tracking_uri, config.workdir_uri)
-    print("\n".join(summary_lines(results, config, tracking_uri)), flush=True)
+    config = load_pipeline_config(args.config, args.overrides, args.overlays)
+    # `--stages ,` or `--stages ''` is an empty selection (an error), not "every stage"
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages is not None else None
+    try:
+        results = run_pipeline(config, stages=stages, start=args.start, force=args.force)
+        tracking_uri, _ = resolve_tracking_uri(config.mlflow.tracking_uri, config.workdir_uri)
+        print("\n".join(summary_lines(results, config, tracking_uri)), flush=True)
 
-    served = any(r.name == "serve" and r.state == "done" for r in results)
-    keep = args.keep_serving if args.keep_serving is not None else sys.stdout.isatty()
-    if served and keep and not os.environ.get("RAY_ADDRESS"):
-        import time
+        served = any(r.name == "serve" and r.state == "done" for r in results)
+        keep = args.keep_serving if args.keep_serving is not None else sys.stdout.isatty()
+        if served and keep and not os.environ.get("RAY_ADDRESS"):
+            import time
 
-        print("serving until Ctrl-C ...", flush=True)
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            print("stopped", flush=True)
+            print("serving until Ctrl-C ...", flush=True)
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                print("stopped", flush=True)
+    finally:
+        disconnect_ray()  # Ctrl-C, SIGTERM or an error: a private cluster's processes stop with the command
     return 0
