@@ -173,3 +173,46 @@ def test_killing_a_model_replica_under_load_recovers(service, scene):
         time.sleep(1)
     else:
         pytest.fail("the killed replica was not replaced")
+
+
+def test_person_score_keypoint_scores_and_coco_results_shape(service, scene):
+    """Each person carries box_score, keypoint_scores and the mmpose person score; ?format=coco answers
+    COCO keypoint results records that pycocotools loads."""
+    from pycocotools.coco import COCO
+
+    from vitpose_core.evaluation import instance_score
+
+    image, boxes = scene
+    client = PoseClient(service)
+    served = client.predict(image, boxes=boxes)
+    for person in served["persons"]:
+        keypoints = np.asarray(person["keypoints"])
+        assert person["box_score"] == 1.0  # client boxes carry no score
+        assert person["keypoint_scores"] == keypoints[:, 2].tolist()
+        confident = keypoints[:, 2][keypoints[:, 2] > 0.2]
+        assert person["score"] == pytest.approx(confident.mean() if len(confident) else 0.0)
+        assert person["score"] == pytest.approx(instance_score(keypoints[:, 2], 1.0))
+
+    records = client.predict_coco(image, boxes=boxes, image_id=42)
+    assert [sorted(r) for r in records] == [["category_id", "image_id", "keypoints", "score"]] * len(boxes)
+    for record, person in zip(records, served["persons"], strict=True):
+        assert record["image_id"] == 42 and record["category_id"] == 1
+        assert record["keypoints"] == np.asarray(person["keypoints"]).reshape(-1).tolist()
+        assert record["score"] == person["score"]
+    ground_truth = COCO()
+    ground_truth.dataset = {"images": [{"id": 42, "width": 320, "height": 240}],
+                            "categories": [{"id": 1, "name": "person"}],
+                            "annotations": [{"id": i + 1, "image_id": 42, "category_id": 1, "bbox": list(box),
+                                             "area": box[2] * box[3], "iscrowd": 0, "num_keypoints": 17,
+                                             "keypoints": [0] * 51} for i, box in enumerate(boxes)]}
+    ground_truth.createIndex()
+    assert len(ground_truth.loadRes(records).getAnnIds()) == len(boxes)
+
+    raw = requests.post(f"{service}/v1/pose", data=encode_png(image), headers={"Content-Type": "image/png"},
+                        params={"boxes": json.dumps(boxes[:1]), "format": "coco"}, timeout=60)
+    assert raw.status_code == 200 and raw.json()[0]["image_id"] == 0 and raw.headers["X-Model-Version"] == "local"
+    for params in ({"format": "xml"}, {"image_id": "7"}, {"format": "coco", "image_id": "-1"},
+                   {"format": "coco", "image_id": "1e3"}, {"format": "coco", "image_id": str(2**63)}):
+        bad = requests.post(f"{service}/v1/pose", data=encode_png(image), headers={"Content-Type": "image/png"},
+                            params=params, timeout=60)
+        assert bad.status_code == 422 and "error" in bad.json(), (params, bad.text)
