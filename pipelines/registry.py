@@ -4,14 +4,16 @@ The project's own checkpoint directory (`model.safetensors` + `config.json`, see
 `vitpose_core.checkpoint`) is logged *as is* inside an MLflow pyfunc model, as the artifact
 `artifacts/checkpoint/`. Serving and evaluation then rebuild the model from that directory with
 `vitpose_core.checkpoint.load_model`: no `torch.export` (whose pt2 format pins the batch size, see
-RAY_NOTES section 6) and no pickled `nn.Module`. The pyfunc wrapper still makes the model usable
-from plain MLflow (`mlflow.pyfunc.load_model(uri).predict(crops)` -> heatmaps).
+RAY_NOTES section 6) and no pickled `nn.Module`. The pyfunc model (`pipelines/pyfunc_model.py`,
+logged as code with `vitpose_core/` as a code path, a signature and pinned requirements) makes it
+usable from plain MLflow anywhere: `mlflow.pyfunc.load_model(uri).predict(images_df)` -> keypoints.
 
 Model sources, as accepted by `resolve_model_source` / `resolve_model`:
 - `models:/<name>@<alias>` (e.g. `models:/vitpose@champion`), `models:/<name>/<version>`,
   `models:/m-<logged model id>`;
 - `runs:/<run_id>/<artifact_path>` (the `artifact_path` the model was logged under, default `model`);
-- a local path: an own-format checkpoint directory, its `model.safetensors`, or an official `.pth`.
+- a local path: an own-format checkpoint directory, its `model.safetensors`, or an official `.pth`;
+- an s3:// URI of either (copied to a local directory first).
 
 mlflow is imported inside the functions: importing it costs seconds and this module is imported by
 the serve app builder, which must stay cheap (RAY_NOTES: no work at import time).
@@ -30,6 +32,27 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_ARTIFACT = "checkpoint"  # must equal pipelines.pyfunc_model.CHECKPOINT_ARTIFACT
 WEIGHTS_NAME = "model.safetensors"
+PYFUNC_CODE = Path(__file__).resolve().parent / "pyfunc_model.py"
+VITPOSE_CORE = Path(__file__).resolve().parents[1] / "vitpose_core"
+# what the pyfunc model imports (vitpose_core's dependencies, pinned to the versions it was logged
+# with); vitpose_core itself travels as a code path, so the checkout need not be installed
+PYFUNC_DISTRIBUTIONS = ("mlflow", "torch", "numpy", "pandas", "safetensors", "timm", "opencv-python-headless",
+                        "pillow", "pydantic", "pyyaml", "pycocotools")
+
+
+def pyfunc_requirements() -> list[str]:
+    """`name==version` of each distribution the pyfunc model needs, as installed here."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    requirements = []
+    for distribution in PYFUNC_DISTRIBUTIONS:
+        try:
+            pinned = version(distribution).split("+")[0]  # a local build tag (torch 2.x+cpu) is not on PyPI
+        except PackageNotFoundError:
+            requirements.append(distribution)
+            continue
+        requirements.append(f"{distribution}=={pinned}")
+    return requirements
 
 
 @dataclass(frozen=True)
@@ -70,21 +93,26 @@ def log_checkpoint_model(checkpoint_dir: str | Path, name: str = "model", run_id
     Logs into the active run, or into run `run_id` (resumed and ended again) when given. With
     `registered_model_name` the model is also registered (a new version). The returned URI
     (`models:/m-<id>`) can be passed to `register` or `resolve_model_source`.
+
+    The model is `pipelines/pyfunc_model.py` logged as code (no pickle), `vitpose_core/` as a code
+    path, the checkpoint as artifact `checkpoint`, the signature of `pyfunc_model.model_signature`
+    and `pyfunc_requirements()`: `mlflow.pyfunc.load_model` works without this checkout.
     """
     checkpoint_dir = Path(checkpoint_dir).resolve()
     if not (checkpoint_dir / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(f"{checkpoint_dir} is not a checkpoint directory (no {WEIGHTS_NAME})")
     mlflow = _mlflow(tracking_uri)
-    from pipelines.pyfunc_model import ViTPosePyfunc
+    from pipelines.pyfunc_model import model_signature
 
     # stage under the fixed folder name so the artifact path never depends on the caller's dir name
     with tempfile.TemporaryDirectory() as staging:
         staged = Path(staging) / CHECKPOINT_ARTIFACT
         shutil.copytree(checkpoint_dir, staged)
         kwargs: dict[str, Any] = dict(
-            name=name, python_model=ViTPosePyfunc(), artifacts={CHECKPOINT_ARTIFACT: str(staged)},
+            name=name, python_model=str(PYFUNC_CODE), artifacts={CHECKPOINT_ARTIFACT: str(staged)},
+            code_paths=[str(VITPOSE_CORE)], signature=model_signature(), input_example=_pyfunc_input_example(),
             # explicit requirements: inferring them imports and probes the environment (slow)
-            pip_requirements=["torch", "safetensors", "numpy", "pydantic", "timm"],
+            pip_requirements=pyfunc_requirements(),
             registered_model_name=registered_model_name, metadata=metadata,
         )
         if run_id is not None and (mlflow.active_run() is None or mlflow.active_run().info.run_id != run_id):
@@ -93,6 +121,19 @@ def log_checkpoint_model(checkpoint_dir: str | Path, name: str = "model", run_id
         else:
             info = mlflow.pyfunc.log_model(**kwargs)
     return info.model_uri
+
+
+def _pyfunc_input_example() -> Any:
+    """One 32x24 gray PNG with one box: stored with the model so users see the input layout (MLflow
+    also runs it through the model once at logging time, which checks the logged model works)."""
+    import io
+
+    import pandas as pd
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 24), (128, 128, 128)).save(buffer, format="PNG")
+    return pd.DataFrame({"image": [buffer.getvalue()], "boxes": ["[[4, 2, 24, 20]]"]})
 
 
 def register(model_uri: str, name: str, tracking_uri: str | None = None) -> str:
@@ -153,6 +194,23 @@ def resolve_model(source: str | Path, tracking_uri: str | None = None, dst_dir: 
         dst_dir: where downloads go; None makes a fresh temporary directory.
     """
     source = str(source)
+    if source.startswith("s3://"):
+        # a checkpoint another node wrote to the shared bucket (tune/finetune exports on a cluster): copy it
+        # here; as a local path it would be `<cwd>/s3:/bucket/...`, which exists nowhere
+        from pipelines import storage
+
+        destination = Path(dst_dir) if dst_dir else Path(tempfile.mkdtemp(prefix="vitpose-model-"))
+        local = destination / Path(source.rstrip("/")).name
+        if storage.exists(storage.join(source, WEIGHTS_NAME)):
+            storage.copy_dir(source, local)
+        elif storage.exists(source):  # a single weights file (an official .pth)
+            local = destination / Path(source).name
+            local.write_bytes(storage.read_bytes(source))
+        else:
+            raise FileNotFoundError(f"model checkpoint not found: {source} (no {WEIGHTS_NAME} under it)")
+        checkpoint = find_checkpoint(local)
+        return ResolvedModel(path=checkpoint, name=checkpoint.stem if checkpoint.is_file() else checkpoint.name,
+                             version="s3", source=source)
     if not source.startswith(("models:/", "runs:/")):
         path = Path(source).expanduser().resolve()
         if not path.exists():

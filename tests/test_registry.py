@@ -64,14 +64,15 @@ def test_register_alias_and_resolve(champion, tmp_path):
     registry.set_alias("vitpose-test", "champion", "2", tracking_uri)
 
 
-def test_pyfunc_wrapper_predicts_heatmaps(champion):
+def test_pyfunc_model_predicts_keypoints(champion):
     import mlflow
+    import pandas as pd
 
     tracking_uri, _, _ = champion
     mlflow.set_tracking_uri(tracking_uri)
     model = mlflow.pyfunc.load_model("models:/vitpose-test@champion")
-    heatmaps = model.predict(np.zeros((2, 3, 256, 192), np.float32))
-    assert heatmaps.shape == (2, 17, 64, 48)
+    people = model.predict(pd.DataFrame({"image": [open_png()], "boxes": ["[[0, 0, 32, 24], [30, 20, 30, 28]]"]}))
+    assert len(people) == 2 and all(len(keypoints) == 17 * 3 for keypoints in people["keypoints"])
 
 
 def test_serve_loads_the_champion_by_alias(ray_local, champion):
