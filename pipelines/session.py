@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -41,13 +42,37 @@ def connect_ray(*, address: str | None = None, num_cpus: int | None = None, incl
         os.environ.setdefault("RAY_AUTH_MODE", auth_mode or "disabled")
         kwargs = {"num_cpus": num_cpus, "include_dashboard": include_dashboard, "log_to_driver": log_to_driver}
     # Ray Data's per-operator bars redraw with carriage returns (a flood in job logs); the pipeline draws its
-    # own per-stage bars
+    # own per-stage bars. The executors run in worker processes (Train's SplitCoordinator, Tune trials):
+    # a private cluster's workers inherit this process's environment, a joined cluster's get it only
+    # through the job's runtime env
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    if address:
+        quiet = quiet_workers_env()
+        if quiet:
+            kwargs["runtime_env"] = {"env_vars": quiet}
     ray.init(configure_logging=False, **kwargs)
     stop_on_signals()
     if address:
         return address
     return f"local ({ray.get_runtime_context().gcs_address}, {int(ray.cluster_resources().get('CPU', 0))} CPUs)"
+
+
+QUIET_WORKER_ENV = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+
+
+def quiet_workers_env() -> dict[str, str]:
+    """What the driver adds to the job's runtime env so every worker keeps Ray Data's bars off: the keys the
+    submitted job's own runtime env does not set (Ray refuses to merge a key set in both, and a value the
+    submitter chose wins)."""
+    import json
+
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    job_env: dict[str, str] = {}
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        job_config = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR) or "{}")
+        job_env = (job_config.get("runtime_env") or {}).get("env_vars") or {}
+    return {key: value for key, value in QUIET_WORKER_ENV.items() if key not in job_env}
 
 
 def stop_on_signals() -> None:

@@ -116,6 +116,9 @@ class ScalingSection(StrictConfig):
         "ddp", description="ddp: replicated model; fsdp: parameters, gradients and optimiser state sharded per "
                            "transformer block (ViTPose-H/G on GPUs; also runs on CPU over gloo)")
     precision: Literal["bf16", "fp32"] = "bf16"
+    placement_strategy: Literal["PACK", "SPREAD"] = Field(
+        "PACK", description="how the workers' bundles are placed: PACK fills a node first; SPREAD puts them on "
+                            "different nodes where it can (soft: after a node is lost, the rest may share one)")
     node_resources: dict[str, float] = Field(
         {}, description="custom Ray resources each worker also reserves, to pin workers to a node type "
                         "(e.g. {gpu_node: 0.01} where ray_cluster.yaml gives GPU nodes `gpu_node: 1`)")

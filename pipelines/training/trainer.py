@@ -72,7 +72,8 @@ def build_trainer(recipe: TrainingRecipe, config: Any, *, name: str | None = Non
         train_fn or train_fn_per_worker,
         train_loop_config={"setup": setup},
         scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                               resources_per_worker=worker_resources(scaling)),
+                                               resources_per_worker=worker_resources(scaling),
+                                               placement_strategy=scaling.placement_strategy),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path, callbacks=callbacks,
             failure_config=ray.train.FailureConfig(max_failures=config.checkpoint.max_failures),
