@@ -359,7 +359,8 @@ def bind_app(config: ServeConfig) -> serve.Application:
     model_options: dict[str, Any] = dict(
         # room for one running batch plus one filling: below max_batch_size the batch can never fill (#43288)
         max_ongoing_requests=2 * config.batching.max_batch_size,
-        ray_actor_options={"num_cpus": resources.model_num_cpus, "num_gpus": resources.model_num_gpus},
+        ray_actor_options={"num_cpus": resources.model_num_cpus, "num_gpus": resources.model_num_gpus,
+                           **({"resources": resources.model_resources} if resources.model_resources else {})},
     )
     if scaling.min_replicas == scaling.max_replicas:
         model_options["num_replicas"] = scaling.min_replicas
@@ -368,6 +369,7 @@ def bind_app(config: ServeConfig) -> serve.Application:
             "min_replicas": scaling.min_replicas, "max_replicas": scaling.max_replicas,
             "initial_replicas": scaling.initial_replicas, "target_ongoing_requests": scaling.target_ongoing_requests,
             "upscale_delay_s": scaling.upscale_delay_s, "downscale_delay_s": scaling.downscale_delay_s,
+            "look_back_period_s": scaling.look_back_period_s,
         }
     # the model source is also the deployment's user_config: changing it in `serve deploy` or a RayService
     # reloads running replicas in place (PoseModel.reconfigure) instead of replacing them

@@ -73,6 +73,8 @@ class AutoscalingConfig(StrictConfig):
     target_ongoing_requests: float = Field(4.0, gt=0)
     upscale_delay_s: float = Field(5.0, ge=0)
     downscale_delay_s: float = Field(600.0, ge=0)
+    # how far back Serve averages the ongoing requests it scales on
+    look_back_period_s: float = Field(30.0, gt=0)
 
     @model_validator(mode="after")
     def _check_range(self) -> AutoscalingConfig:
@@ -99,6 +101,9 @@ class ResourcesConfig(StrictConfig):
     ingress_num_cpus: float = Field(0.25, ge=0)
     ingress_replicas: int = Field(1, ge=1)
     torch_threads: int = Field(0, ge=0)
+    # custom Ray resources each model replica needs, e.g. {"pose_worker": 1} to keep replicas on the
+    # node type that declares it (`ray start --resources`, a KubeRay worker group's rayStartParams)
+    model_resources: dict[str, float] = {}
 
 
 class DetectorConfig(StrictConfig):
