@@ -19,12 +19,21 @@ Batches are dicts of torch tensors (B = batch, K = keypoints, (W, H) = input siz
     crop_to_image  [B, 2, 3] float32     stored crop px -> original image px
     input_to_image [B, 2, 3] float32     input px -> original image px: maps decoded predictions back
     image_id, ann_id [B] int64;  bbox [B, 4] float32 (x, y, w, h);  area [B] float32
+    dataset_index  [B] int64             multi-dataset streams only: the row's dataset (order of `datasets`)
+
+Keypoint layouts come from the data: the shard manifest records each dataset's keypoint set
+(`shard_keypoint_sets`). A single-layout stream emits that set (`StreamConfig.keypoints` None), or the
+set `keypoints` names (AIC rows are then mapped onto COCO's limbs for `coco`). A multi-dataset stream
+(`datasets=[...]`) keeps every row in its own dataset's layout, pads targets to the widest set
+(weight 0 on the padding) and mixes datasets by `ratios` (`mix_by_ratio`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from typing import Any, Literal
+import json
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -39,7 +48,8 @@ from pipelines.config import StrictConfig
 from vitpose_core.augment import NO_AUGMENT, AugmentConfig, augment_top_down
 from vitpose_core.codec import UDPHeatmapCodec
 from vitpose_core.geometry import compose_affine, fix_aspect_ratio, invert_affine
-from vitpose_core.keypoints import AIC, COCO, aic_to_coco
+from vitpose_core.keypoints import AIC, COCO, KEYPOINT_SETS, KeypointSet, aic_to_coco, resolve_keypoint_set
+from vitpose_core.multi_dataset import dataset_schedule, pad_keypoint_targets
 
 IMAGENET_MEAN_RGB = np.array([0.485, 0.456, 0.406], np.float32) * 255.0
 IMAGENET_STD_RGB = np.array([0.229, 0.224, 0.225], np.float32) * 255.0
@@ -52,8 +62,9 @@ class StreamConfig(StrictConfig):
     input_size: tuple[int, int] = Field((192, 256), description="model input (W, H)")
     heatmap_stride: int = Field(4, ge=1)
     sigma: float = Field(2.0, gt=0)
-    keypoints: Literal["coco", "aic"] = Field(
-        "coco", description="output layout: 'coco' (17; AIC rows mapped onto COCO's limbs) or 'aic' (14, AIC rows only)")
+    keypoints: str | None = Field(
+        None, description="output layout: None = the shards' own keypoint set (manifest); or a set name / COCO "
+                          "json / keypoint-set YAML ('coco' also maps AIC rows onto COCO's limbs)")
     augment: bool = Field(True, description="False: plain evaluation crops (no flip, scale, rotation)")
     flip_prob: float = Field(0.5, ge=0, le=1)
     half_body_prob: float = Field(0.3, ge=0, le=1)
@@ -148,26 +159,88 @@ def iter_shard_tables(uri: str, *, batch_size: int, split: str | None = None, da
             yield buffer.slice(start, batch_size)
 
 
+def shard_keypoint_sets(uri: str) -> dict[str, KeypointSet]:
+    """dataset name -> keypoint set, as the shard manifest records them ({} for manifests older than that)."""
+    uri = storage.normalize(uri)
+    try:
+        manifest = json.loads(storage.read_text(storage.join(uri, "manifest.json")))
+    except FileNotFoundError:
+        return {}
+    return {name: KeypointSet.from_dict(record, source=f"{uri}/manifest.json keypoint_sets.{name}")
+            for name, record in manifest.get("keypoint_sets", {}).items()}
+
+
+def row_keypoint_set(dataset: str, keypoint_sets: Mapping[str, KeypointSet]) -> KeypointSet | None:
+    """The layout of a dataset's rows: the manifest's record, else (old manifests) the built-in set of that name."""
+    return keypoint_sets.get(dataset) or KEYPOINT_SETS.get(dataset)
+
+
+def stream_keypoint_set(config: StreamConfig, keypoint_sets: Mapping[str, KeypointSet],
+                        datasets: Iterable[str] | None = None) -> KeypointSet:
+    """The one layout a single-decoder stream emits: ``config.keypoints`` (a dataset's set is found by its
+    name first), else the shards' set when every (selected) dataset has the same layout."""
+    if config.keypoints is not None:
+        named = {s.name: s for s in keypoint_sets.values()}
+        return named.get(config.keypoints) or resolve_keypoint_set(config.keypoints)
+    selected = {name: s for name, s in keypoint_sets.items() if datasets is None or name in set(datasets)}
+    if not selected:
+        return COCO  # nothing recorded (old manifests, bare Ray Datasets): the historical default
+    first = next(iter(selected.values()))
+    if all(first.same_layout(other) for other in selected.values()):
+        return first
+    layouts = ", ".join(f"{name}: {s.name} ({s.num_keypoints})" for name, s in selected.items())
+    raise ValueError(f"the shards hold datasets with different keypoint sets ({layouts}); train one decoder per "
+                     "dataset (finetune `datasets:`), or set data.stream.keypoints (e.g. coco: AIC rows mapped "
+                     "onto COCO's limbs)")
+
+
 class PoseBatchTransform:
     """Arrow table of shard rows -> dict of numpy arrays (the keys in the module docstring).
 
     Callable on any worker; holds a numpy Generator so successive calls draw fresh augmentations.
+
+    Args:
+        keypoint_sets: dataset name -> the layout of its rows (``shard_keypoint_sets``).
+        datasets: multi-dataset mode: each row in its own dataset's layout, ``dataset_index`` = the
+            position of its dataset here, targets padded to the widest set.
     """
 
-    def __init__(self, config: StreamConfig, rng: np.random.Generator | None = None) -> None:
+    def __init__(self, config: StreamConfig, rng: np.random.Generator | None = None,
+                 keypoint_sets: Mapping[str, KeypointSet] | None = None, datasets: Sequence[str] = ()) -> None:
         self.config = config
         self.augment = config.augment_config()
-        self.keypoint_set = COCO if config.keypoints == "coco" else AIC
+        self.keypoint_sets = dict(keypoint_sets or {})
+        self.datasets = tuple(datasets)
+        if self.datasets:
+            missing = [d for d in self.datasets if row_keypoint_set(d, self.keypoint_sets) is None]
+            if missing:
+                raise ValueError(f"no keypoint set known for datasets {missing} (not in the shard manifest)")
+            self.dataset_sets = [row_keypoint_set(d, self.keypoint_sets) for d in self.datasets]
+            self.max_keypoints = max(s.num_keypoints for s in self.dataset_sets)
+            self.keypoint_set = self.dataset_sets[0]
+        else:
+            self.keypoint_set = stream_keypoint_set(config, self.keypoint_sets)
         self.codec = UDPHeatmapCodec(config.input_size, config.heatmap_size, config.sigma)
         self.rng = rng or np.random.default_rng(0)
 
-    def _keypoints(self, flat: list[list[float]], dataset: str) -> np.ndarray:
+    def _layout(self, dataset: str) -> tuple[KeypointSet, int]:
+        """(the set a row is emitted in, its dataset index or -1)."""
+        if not self.datasets:
+            return self.keypoint_set, -1
+        try:
+            index = self.datasets.index(dataset)
+        except ValueError:
+            raise ValueError(f"a row of dataset {dataset!r} reached a stream of datasets {list(self.datasets)}") from None
+        return self.dataset_sets[index], index
+
+    def _keypoints(self, flat: list[list[float]], dataset: str, target: KeypointSet) -> np.ndarray:
         keypoints = np.asarray(flat, np.float64).reshape(-1, 3)
-        if dataset == "aic" and self.config.keypoints == "coco":
+        source = row_keypoint_set(dataset, self.keypoint_sets)
+        if source is not None and source.names == AIC.names and target.names == COCO.names:
             return aic_to_coco(keypoints)
-        if keypoints.shape[0] != self.keypoint_set.num_keypoints:
-            raise ValueError(f"a {dataset!r} row has {keypoints.shape[0]} keypoints; the stream was "
-                             f"configured for the {self.config.keypoints!r} layout ({self.keypoint_set.num_keypoints})")
+        if keypoints.shape[0] != target.num_keypoints:
+            raise ValueError(f"a {dataset!r} row has {keypoints.shape[0]} keypoints; the stream emits the "
+                             f"{target.name!r} layout ({target.num_keypoints})")
         return keypoints
 
     def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
@@ -177,21 +250,28 @@ class PoseBatchTransform:
         aspect = self.config.input_size[0] / self.config.input_size[1]
         out: dict[str, list[Any]] = {k: [] for k in ("image", "target", "target_weight", "keypoints",
                                                      "crop_to_input", "crop_to_image", "input_to_image")}
+        indices = []
         for i, jpeg in enumerate(table.column("image").to_pylist()):
             crop = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
             if crop is None:
                 raise ValueError(f"row {i} (ann_id {table.column('ann_id')[i]}) holds an undecodable crop")
-            keypoints = self._keypoints(cols["keypoints"][i], cols["dataset"][i])
+            layout, index = self._layout(cols["dataset"][i])
+            keypoints = self._keypoints(cols["keypoints"][i], cols["dataset"][i], layout)
             scale = fix_aspect_ratio(np.asarray(cols["person_scale"][i]), aspect)
             sample = augment_top_down(crop, keypoints[:, :2], keypoints[:, 2], cols["person_center"][i], scale,
-                                      self.config.input_size, self.keypoint_set, self.rng, self.augment)
+                                      self.config.input_size, layout, self.rng, self.augment)
             heatmaps, weights = self.codec.encode(sample.keypoints, sample.visibility)
+            points = np.concatenate([sample.keypoints, sample.visibility[:, None]], axis=1)
+            if self.datasets:  # a mixed batch stacks only at the widest set's K (padding has weight 0)
+                heatmaps, weights = pad_keypoint_targets(heatmaps, weights, self.max_keypoints)
+                points = np.concatenate([points, np.zeros((self.max_keypoints - len(points), 3))], axis=0)
+                indices.append(index)
             crop_to_image = np.asarray(cols["crop_to_image"][i], np.float64)
             rgb = sample.image[:, :, ::-1].astype(np.float32)
             out["image"].append(((rgb - IMAGENET_MEAN_RGB) / IMAGENET_STD_RGB).transpose(2, 0, 1))  # (H, W, 3) -> (3, H, W)
             out["target"].append(heatmaps)
             out["target_weight"].append(weights)
-            out["keypoints"].append(np.concatenate([sample.keypoints, sample.visibility[:, None]], axis=1))
+            out["keypoints"].append(points)
             out["crop_to_input"].append(sample.image_to_input)
             out["crop_to_image"].append(crop_to_image)
             out["input_to_image"].append(compose_affine(crop_to_image, invert_affine(sample.image_to_input)))
@@ -200,13 +280,77 @@ class PoseBatchTransform:
         batch["ann_id"] = table.column("ann_id").to_numpy().astype(np.int64)
         batch["bbox"] = np.asarray(table.column("bbox").to_pylist(), np.float32).reshape(-1, 4)
         batch["area"] = table.column("area").to_numpy().astype(np.float32)
+        if self.datasets:
+            batch["dataset_index"] = np.asarray(indices, np.int64)
         return batch
+
+
+def mix_by_ratio(tables: Iterable[pa.Table], datasets: Sequence[str], ratios: Sequence[float], batch_size: int,
+                 buffer_rows: int = 4096, reuse_rows: int = 256, seed: int = 0) -> Iterator[pa.Table]:
+    """Re-cut a stream of rows of several datasets into batches whose datasets follow ``ratios``.
+
+    Slot by slot ``dataset_schedule(ratios)`` names the dataset; the slot takes that dataset's next
+    unused row, reading on while it has none. Two bounds keep this safe for DDP and memory:
+
+    * at most ``buffer_rows`` unused rows wait; past that a slot takes a row of the fullest dataset
+      instead (the ratio then follows the data until the buffer drains);
+    * once the stream is exhausted, a dataset without unused rows repeats one of its last
+      ``reuse_rows`` rows (freshly augmented downstream). Batches end when every row was used once, so
+      a worker gets at least as many batches as plain batching would give (ranks stay in step).
+    """
+    names = list(datasets)
+    position = {name: i for i, name in enumerate(names)}
+    fresh: list[deque[pa.Table]] = [deque() for _ in names]
+    recent: list[deque[pa.Table]] = [deque(maxlen=reuse_rows) for _ in names]
+    rng = np.random.default_rng(seed)
+    source = iter(tables)
+    exhausted = False
+
+    def pull() -> bool:
+        nonlocal exhausted
+        for table in source:
+            for row, dataset in enumerate(table.column("dataset").to_pylist()):
+                if dataset not in position:
+                    raise ValueError(f"a row of dataset {dataset!r} reached a mix of datasets {names}")
+                fresh[position[dataset]].append(table.slice(row, 1))
+            if table.num_rows:
+                return True
+        exhausted = True
+        return False
+
+    def take(index: int) -> pa.Table | None:
+        while not fresh[index] and not exhausted and sum(map(len, fresh)) < buffer_rows:
+            pull()
+        if fresh[index]:
+            row = fresh[index].popleft()
+            recent[index].append(row)
+            return row
+        if not exhausted:  # buffer full of other datasets: drain the fullest
+            return take(max(range(len(names)), key=lambda i: len(fresh[i])))
+        if recent[index]:
+            return recent[index][int(rng.integers(len(recent[index])))]
+        others = [i for i in range(len(names)) if fresh[i]]
+        return take(others[0]) if others else None
+
+    schedule = dataset_schedule(ratios)
+    while True:
+        rows: list[pa.Table] = []
+        while len(rows) < batch_size and not (exhausted and not any(fresh)):
+            row = take(next(schedule))
+            if row is None:
+                break
+            rows.append(row)
+        if rows:
+            yield pa.concat_tables(rows)
+        if exhausted and not any(fresh):
+            return
 
 
 def iter_pose_batches(source: Any, config: StreamConfig, *, batch_size: int, seed: int = 0, epoch: int = 0,
                       rank: int = 0, shuffle: bool | None = None, shuffle_buffer: int = 1024, drop_last: bool = False,
                       split: str | None = None, datasets: Iterable[str] | None = None,
-                      ) -> Iterator[dict[str, torch.Tensor]]:
+                      keypoint_sets: Mapping[str, KeypointSet] | None = None, mixed_datasets: Sequence[str] = (),
+                      ratios: Sequence[float] | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """Stream model-ready batches (module docstring) from a Ray DataIterator, a Ray Dataset or a URI.
 
     Args:
@@ -220,20 +364,33 @@ def iter_pose_batches(source: Any, config: StreamConfig, *, batch_size: int, see
         shuffle_buffer: rows in the shuffle buffer.
         drop_last: drop a final short batch (keeps DDP ranks in step).
         split, datasets: row filters, used when `source` is a URI (filter a Dataset in `read_shards`).
+        keypoint_sets: dataset name -> layout of its rows; default: the manifest's when `source` is a URI.
+        mixed_datasets: multi-dataset mode (one decoder each): the datasets in decoder order; batches get
+            ``dataset_index`` and are mixed by ``ratios`` (default equal; `mix_by_ratio`).
     """
     shuffle = config.augment if shuffle is None else shuffle
     rng = np.random.default_rng([seed, epoch, rank])
-    transform = PoseBatchTransform(config, rng)
+    if keypoint_sets is None:
+        keypoint_sets = shard_keypoint_sets(source) if isinstance(source, str) else {}
+    if not mixed_datasets and config.keypoints is None and isinstance(source, str):
+        # one layout out of the rows this stream reads (the selected datasets), not of the whole shard set
+        keypoint_sets = {k: v for k, v in keypoint_sets.items() if datasets is None or k in set(datasets)}
+    transform = PoseBatchTransform(config, rng, keypoint_sets, mixed_datasets)
+    mixing = bool(mixed_datasets)
+    drop_short = drop_last and not mixing  # a mix re-cuts rows into batches: it drops at its own end
     if isinstance(source, str):
         tables: Iterable[pa.Table] = iter_shard_tables(
             source, batch_size=batch_size, split=split, datasets=datasets, shuffle=shuffle,
             seed=int(rng.integers(2**31)), shuffle_buffer=shuffle_buffer)
     elif hasattr(source, "iter_batches"):
-        tables = source.iter_batches(batch_size=batch_size, batch_format="pyarrow", drop_last=drop_last,
+        tables = source.iter_batches(batch_size=batch_size, batch_format="pyarrow", drop_last=drop_short,
                                      local_shuffle_buffer_size=shuffle_buffer if shuffle else None,
                                      local_shuffle_seed=int(rng.integers(2**31)) if shuffle else None)
     else:
         raise TypeError(f"source must be a shard URI, a ray.data.Dataset or a DataIterator, got {type(source).__name__}")
+    if mixing:
+        tables = mix_by_ratio(tables, mixed_datasets, ratios or [1.0] * len(mixed_datasets), batch_size,
+                              buffer_rows=max(4 * shuffle_buffer, 4 * batch_size), seed=int(rng.integers(2**31)))
     for table in tables:
         if drop_last and table.num_rows < batch_size:
             continue

@@ -102,12 +102,16 @@ def test_stream_is_seeded_by_seed_epoch_and_rank(shards):
 
 def test_aic_rows_join_the_coco_layout_or_keep_their_own(shards):
     out, _, _ = shards
-    coco_layout = collect(iter_pose_batches(out, StreamConfig(augment=False), batch_size=9, datasets=["aic"]))
+    coco_layout = collect(iter_pose_batches(out, StreamConfig(augment=False, keypoints="coco"), batch_size=9,
+                                            datasets=["aic"]))
     assert coco_layout["target"].shape[1] == 17
     assert float(coco_layout["target_weight"][:, :5].sum()) == 0  # no face joints in AIC
     aic_layout = next(iter_pose_batches(out, StreamConfig(augment=False, keypoints="aic"), batch_size=9,
                                         datasets=["aic"]))
     assert aic_layout["target"].shape[1] == 14
+    # by default the stream emits the rows' own set, as the shard manifest records it
+    own_layout = next(iter_pose_batches(out, StreamConfig(augment=False), batch_size=9, datasets=["aic"]))
+    assert own_layout["target"].shape[1] == 14
     with pytest.raises(ValueError, match="layout"):
         next(iter_pose_batches(out, StreamConfig(keypoints="aic"), batch_size=4, datasets=["coco"]))
 

@@ -28,7 +28,7 @@ from .geometry import (
     udp_warp_matrix,
     warp_image,
 )
-from .keypoints import KEYPOINT_SETS, KeypointSet
+from .keypoints import KeypointSet
 
 logger = logging.getLogger(__name__)
 
@@ -181,10 +181,10 @@ class TopDownPredictor:
                  input_size: Sequence[int] | None = None, flip_test: bool = False,
                  dtype: torch.dtype | None = None, batch_size: int = 32, padding: float = DEFAULT_PADDING) -> None:
         if keypoint_set is None:
-            name = getattr(getattr(model, "config", None), "keypoint_set", None)
-            if name not in KEYPOINT_SETS:
-                raise ValueError("model has no known config.keypoint_set; pass keypoint_set")
-            keypoint_set = KEYPOINT_SETS[name]
+            # the set the checkpoint records (custom sets included), not a lookup of its name
+            keypoint_set = getattr(getattr(model, "config", None), "keypoint_set_data", None)
+            if not isinstance(keypoint_set, KeypointSet):
+                raise ValueError("model has no config.keypoint_set_data; pass keypoint_set")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model.eval()

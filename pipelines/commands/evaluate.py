@@ -39,7 +39,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--flip-test", action=argparse.BooleanOptionalAction, default=None,
                         help="average with horizontally flipped crops (default: off over --images, on over --shards)")
     parser.add_argument("--keypoint-set", default=None,
-                        help="coco, aic or crowdpose; default: inferred from the annotation categories")
+                        help="a built-in set, COCO json or keypoint-set YAML; default: the annotation categories")
+    parser.add_argument("--dataset", default=None,
+                        help="multi-dataset checkpoint: the dataset (its name) to score; with --shards "
+                             "default: every dataset (val_AP of the first)")
     parser.add_argument("--batch-size", type=int, default=32, help="crops per forward pass")
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
     parser.add_argument("--output", type=Path, help="also write the metrics (and with --checkpoint the results) here")
@@ -102,7 +105,7 @@ def _predict_results(args: argparse.Namespace, ground_truth, keypoint_set) -> li
         raise ValueError(f"--checkpoint needs --images pointing at a directory, got {args.images}")
     if not args.checkpoint.exists():
         raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
-    model = load_model(args.checkpoint).to(resolve_device(args.device))
+    model = load_model(args.checkpoint, dataset=args.dataset).to(resolve_device(args.device))
     if model.config.num_keypoints != keypoint_set.num_keypoints:
         raise ValueError(f"the checkpoint predicts {model.config.num_keypoints} keypoints but the annotations "
                          f"use {keypoint_set.name!r} ({keypoint_set.num_keypoints})")
@@ -134,7 +137,7 @@ def _evaluate_on_shards(args: argparse.Namespace) -> int:
 
     if args.checkpoint is None or args.images or args.detections or args.predictions:
         raise ValueError("--shards goes with --checkpoint alone (ground-truth boxes of the shards' val split)")
-    model = load_model(args.checkpoint).to(resolve_device(args.device))
+    model = load_model(args.checkpoint, dataset=args.dataset).to(resolve_device(args.device))
     data = {"shards": args.shards, **({"val_annotations": str(args.annotations)} if args.annotations else {})}
     config = build_config(FinetuneConfig, {
         "model": {"variant": model.config.variant, "input_size": list(model.config.input_size)},

@@ -25,6 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--image", required=True, type=Path, help="input image (jpg/png)")
     parser.add_argument("--boxes", nargs="+", default=None, metavar="X,Y,W,H",
                         help="person boxes in pixels, or one path to a json list of [x, y, w, h]")
+    parser.add_argument("--dataset", default=None,
+                        help="multi-dataset checkpoint: the dataset (its name) whose decoder predicts")
     parser.add_argument("--flip-test", action="store_true", help="average with the horizontally flipped crop")
     parser.add_argument("--score-thr", type=float, default=0.3, help="do not draw keypoints scoring below")
     parser.add_argument("--device", default="cpu", help="torch device")
@@ -54,6 +56,25 @@ def parse_boxes(values: list[str] | None) -> np.ndarray | None:
     return boxes
 
 
+def served_keypoint_set(info: dict):
+    """The keypoint set a pose service reports (`/v1/model`): a built-in set when its name and keypoint
+    names are one, else a set from the names (flip pairs inferred; the skeleton the service reports, if any)."""
+    from vitpose_core.keypoints import (
+        DEFAULT_SIGMA,
+        KEYPOINT_SETS,
+        KeypointSet,
+        infer_flip_pairs,
+        infer_upper_body,
+    )
+
+    names = list(info.get("keypoint_names") or [])
+    builtin = KEYPOINT_SETS.get(info["keypoint_set"])
+    if builtin is not None and list(builtin.names) == names:
+        return builtin
+    return KeypointSet(info["keypoint_set"], names, infer_flip_pairs(names), info.get("skeleton") or (),
+                       (DEFAULT_SIGMA,) * len(names), infer_upper_body(names))
+
+
 def run(args: argparse.Namespace) -> int:
     from vitpose_core.errors import InvalidInputError
     from vitpose_core.image_io import check_boxes_in_image, read_image_rgb
@@ -73,7 +94,6 @@ def run(args: argparse.Namespace) -> int:
 
     from vitpose_core import load_model
     from vitpose_core.inference import TopDownPredictor, resolve_device, whole_image_box
-    from vitpose_core.keypoints import get_keypoint_set
     from vitpose_core.visualize import draw_poses
     if args.url:  # the service decides flip test and dtype; boxes None -> its detector / whole image
         import requests
@@ -83,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         client = PoseClient(args.url)
         try:
             response = client.predict(args.image, boxes=boxes)
-            keypoint_set = get_keypoint_set(client.model_info()["keypoint_set"])
+            keypoint_set = served_keypoint_set(client.model_info())
         except requests.ConnectionError as error:
             raise InvalidInputError(f"cannot reach the pose service at {args.url}: {type(error).__name__}") from None
         except requests.Timeout:
@@ -96,8 +116,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         if not args.checkpoint.exists():
             raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
-        model = load_model(args.checkpoint).to(resolve_device(args.device))
-        keypoint_set = get_keypoint_set(model.config.keypoint_set)
+        model = load_model(args.checkpoint, dataset=args.dataset).to(resolve_device(args.device))
+        keypoint_set = model.config.keypoint_set_data  # recorded in the checkpoint, custom sets included
         predictor = TopDownPredictor(model, keypoint_set, flip_test=args.flip_test)
         boxes = whole_image_box(image) if boxes is None else boxes
         keypoints = predictor.predict(image, boxes)
@@ -110,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
     record = {
         "image": str(args.image), "width": image.shape[1], "height": image.shape[0],
         "model": model_name, "keypoint_set": keypoint_set.name, "keypoint_names": list(keypoint_set.names),
+        "skeleton": [list(limb) for limb in keypoint_set.skeleton],
         "persons": [{"box": box.tolist(), "keypoints": person.tolist(),
                      "score": float(person[:, 2].mean())} for box, person in zip(boxes, keypoints, strict=True)],
     }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipelines.config import StrictConfig
 from pipelines.tracking import TrackingConfig
@@ -23,6 +23,13 @@ class EvalSection(StrictConfig):
     num_visualized: int = Field(16, ge=0, description="val crops drawn into the predictions PNG")
 
 
+class DatasetMix(StrictConfig):
+    """One decoder of a multi-dataset run: a dataset of the shards and its share of every batch."""
+
+    name: str
+    ratio: float = Field(1.0, gt=0, description="relative share of the training samples (normalised over datasets)")
+
+
 class FinetuneConfig(StrictConfig):
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
@@ -32,4 +39,14 @@ class FinetuneConfig(StrictConfig):
     checkpoint: CheckpointSection = CheckpointSection()
     tracking: TrackingConfig = TrackingConfig()
     eval: EvalSection = EvalSection()
+    datasets: tuple[DatasetMix, ...] = Field(
+        (), description="multi-dataset (ViTPose+): one decoder per listed dataset, the first is the primary "
+                        "(val_AP); empty: one decoder, unless the shards' datasets have different keypoint sets")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _distinct_datasets(self) -> FinetuneConfig:
+        names = [d.name for d in self.datasets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"datasets lists a dataset twice: {names}")
+        return self

@@ -6,10 +6,25 @@ checkpoint. Loss: weighted joints-MSE on UDP heatmaps. After each epoch rank 0 e
 val shards: flip test, DARK-UDP decode, back to image pixels, rescoring + OKS-NMS, COCO AP
 (``vitpose_core.engine.evaluate_coco_ap``); the best model by ``val_AP`` is exported in the
 project's checkpoint format to ``<run>/finetune_export`` and to MLflow, with a PNG of predictions.
+
+Keypoints come from the data: the model's decoder is built for the shard manifest's keypoint set
+(any set, custom ones included) and the exported checkpoint records it.
+
+Multi-dataset (ViTPose+): with a ``datasets:`` section (name + ratio per decoder), or when the
+shards' training datasets have different keypoint sets and ``data.stream.keypoints`` is unset (then
+every such dataset, ratio 1 each), the model gets one shared backbone and one decoder per dataset
+(``model.num_experts`` > 0: ViTPose++ MoE FFNs), batches are mixed by the ratios
+(``pipelines.data.mix_by_ratio``) and each sample's loss goes through its own decoder. Validation
+reports ``val_<stat>_<dataset>`` for every dataset, and ``val_<stat>`` (so ``val_AP``, which picks
+the exported model) is the *first* (primary) dataset's: the paper's multi-dataset models are chosen
+and reported by their COCO AP, and a mean over datasets would trade the target dataset for others.
+A single-dataset model comes out of the exported one with ``load_model(path, dataset=NAME)``
+(``vitpose eval/predict --dataset NAME``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -20,24 +35,86 @@ import numpy as np
 
 from pipelines import storage
 from pipelines.contract import StageOutput
-from pipelines.data import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, iter_pose_batches
+from pipelines.data import (
+    IMAGENET_MEAN_RGB,
+    IMAGENET_STD_RGB,
+    iter_pose_batches,
+    row_keypoint_set,
+    shard_keypoint_sets,
+    stream_keypoint_set,
+)
 from pipelines.finetune.config import FinetuneConfig
 from pipelines.tracking import Tracker
 from pipelines.training.recipe import TrainingRecipe
 from pipelines.training.result import run_training
-from vitpose_core.checkpoint import load_checkpoint, save_checkpoint
+from vitpose_core.checkpoint import load_checkpoint, save_checkpoint, unwrap_model
 from vitpose_core.codec import UDPHeatmapCodec
+from vitpose_core.datasets import parse_annotation_bytes, records_to_coco
 from vitpose_core.engine import EngineConfig, FinetuneTask, evaluate_coco_ap, predict_keypoints
 from vitpose_core.evaluation import load_ground_truth
-from vitpose_core.keypoints import KEYPOINT_SETS
+from vitpose_core.keypoints import KeypointSet
 from vitpose_core.mae import ENCODER_WEIGHTS_NAME, load_pretrained_encoder
 from vitpose_core.models import ViTPose, build_model
+from vitpose_core.multi_dataset import MultiDatasetFinetuneTask, dataset_view
 from vitpose_core.visualize import draw_poses
 
 
+def _manifest(config: FinetuneConfig) -> dict[str, Any]:
+    uri = storage.join(storage.normalize(config.data.shards), "manifest.json")
+    try:
+        return json.loads(storage.read_text(uri))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no shard manifest at {uri} (data.shards must be the shard stage's output)") from None
+
+
+def train_keypoint_sets(config: FinetuneConfig) -> dict[str, KeypointSet]:
+    """dataset -> keypoint set, for the datasets with training rows (shard manifest order)."""
+    manifest = _manifest(config)
+    trained = [key.split("/")[0] for key, count in manifest["counts"].items()
+               if key.endswith("/train") and count["rows_out"]]
+    sets = shard_keypoint_sets(config.data.shards)
+    found = {name: row_keypoint_set(name, sets) for name in trained}
+    unknown = [name for name, layout in found.items() if layout is None]
+    if unknown:
+        raise ValueError(f"{config.data.shards}/manifest.json records no keypoint set for datasets {unknown}; "
+                         "reshard them with this version")
+    return found  # type: ignore[return-value]
+
+
+def finetune_datasets(config: FinetuneConfig) -> list[tuple[str, KeypointSet, float]]:
+    """(dataset, keypoint set, ratio) per decoder of a multi-dataset run; [] for one decoder."""
+    sets = train_keypoint_sets(config)
+    if config.datasets:
+        missing = [d.name for d in config.datasets if d.name not in sets]
+        if missing:
+            raise ValueError(f"datasets {missing} have no training rows in {config.data.shards} "
+                             f"(it has {sorted(sets)})")
+        extra = sorted(set(sets) - {d.name for d in config.datasets})
+        if extra:  # every training row goes through some decoder; the mix has no place for these
+            raise ValueError(f"the shards' training split also holds datasets {extra}: list them in `datasets:` "
+                             "or shard them separately")
+        return [(d.name, sets[d.name], d.ratio) for d in config.datasets]
+    layouts = list(sets.values())
+    if config.data.stream.keypoints is None and any(not layouts[0].same_layout(o) for o in layouts[1:]):
+        return [(name, layout, 1.0) for name, layout in sets.items()]
+    return []
+
+
+def finetune_keypoint_set(config: FinetuneConfig) -> KeypointSet:
+    """The single decoder's keypoint set: ``data.stream.keypoints``, else the shards' one layout."""
+    return stream_keypoint_set(config.data.stream, train_keypoint_sets(config))
+
+
 def build_finetune_model(config: FinetuneConfig) -> ViTPose:
-    """The variant at the configured size; backbone from ``model.pretrained`` when given."""
-    model = build_model(config.model.variant, **config.model.overrides())
+    """The variant at the configured size, for the shards' keypoint set(s); backbone from
+    ``model.pretrained`` when given."""
+    plan = finetune_datasets(config)
+    if plan:
+        model = build_model(config.model.variant, datasets=[(name, layout) for name, layout, _ in plan],
+                            **config.model.overrides())
+    else:
+        model = build_model(config.model.variant, keypoint_set=finetune_keypoint_set(config),
+                            **config.model.overrides())
     source = config.model.pretrained
     if source is None:
         return model
@@ -49,34 +126,74 @@ def build_finetune_model(config: FinetuneConfig) -> ViTPose:
     return model
 
 
-def val_annotations(config: FinetuneConfig) -> str:
-    """The val split's COCO annotation file: configured, or the one the shard manifest records."""
-    if config.data.val_annotations:
+def val_annotations(config: FinetuneConfig, dataset: str | None = None) -> str:
+    """The val split's annotation file (of ``dataset``, if given): configured, or the one the shard manifest records."""
+    if config.data.val_annotations and dataset is None:
         return config.data.val_annotations
-    manifest = json.loads(storage.read_text(storage.join(config.data.shards, "manifest.json")))
-    files = [source["annotations"] for source in manifest.get("inputs", []) if source.get("split") == "val"]
+    manifest = _manifest(config)
+    files = [source["annotations"] for source in manifest.get("inputs", [])
+             if source.get("split") == "val" and (dataset is None or source.get("dataset") == dataset)]
     if len(files) != 1:
-        raise ValueError(f"cannot tell the val annotations from {config.data.shards}/manifest.json ({len(files)} val "
-                         "inputs); set data.val_annotations")
+        which = f" of dataset {dataset!r}" if dataset else ""
+        raise ValueError(f"cannot tell the val annotations{which} from {config.data.shards}/manifest.json "
+                         f"({len(files)} val inputs); set data.val_annotations")
     return files[0]
 
 
+def _ground_truth(config: FinetuneConfig, annotations: str, dataset: str | None) -> Any:
+    """pycocotools index of a val file; raw AIC / MPII files are converted to COCO layout first."""
+    data = storage.read_bytes(annotations)
+    entry = next((i for i in _manifest(config).get("inputs", []) if i.get("annotations") == annotations), {})
+    if entry.get("format", "coco") != "coco":
+        parsed = parse_annotation_bytes(data, dataset or entry.get("dataset", "val"), "val", annotations)
+        return load_ground_truth(records_to_coco(parsed.records, parsed.keypoint_set))
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "val.json"
+        local.write_bytes(data)
+        return load_ground_truth(local)
+
+
 def validate(model: ViTPose, config: FinetuneConfig, tracker: Tracker, epoch: int) -> dict[str, float]:
-    """COCO AP on the val shards (rank 0, unwrapped model) and a PNG of predictions logged to MLflow."""
+    """COCO AP on the val shards (rank 0, unwrapped model) and a PNG of predictions logged to MLflow.
+
+    A multi-dataset model is scored per dataset (``val_<stat>_<dataset>``); ``val_<stat>`` is the
+    first dataset's (module docstring).
+    """
+    if not model.config.datasets:
+        return _validate_one(model, config, tracker, epoch, model.config.keypoint_set_data, None)
+    metrics: dict[str, float] = {}
+    for index, name in enumerate(model.config.dataset_names):
+        view = dataset_view(model, index)
+        stats = _validate_one(view, config, tracker, epoch, view.config.keypoint_set_data, name,
+                              draw=index == 0)
+        metrics.update({f"{key}_{name}": value for key, value in stats.items()})
+        if index == 0:
+            metrics.update(stats)
+    return metrics
+
+
+def _validate_one(model: Any, config: FinetuneConfig, tracker: Tracker, epoch: int, keypoint_set: KeypointSet,
+                  dataset: str | None, draw: bool = True) -> dict[str, float]:
+    """One decoder's AP: val rows of ``dataset`` (None: all) in ``keypoint_set``'s layout."""
     stream = config.data.stream_config(config.model.input_size).model_copy(update={"augment": False})
-    keypoint_set = KEYPOINT_SETS[stream.keypoints]
+    datasets = None if dataset is None else [dataset]
+    if dataset is None and stream.keypoints is None:
+        # a single-decoder model is scored on the val rows of the datasets in its own layout
+        same = [name for name, layout in shard_keypoint_sets(config.data.shards).items()
+                if layout.same_layout(keypoint_set)]
+        datasets = same or None
+        dataset = same[0] if len(same) == 1 else None
+    # rows in the model's layout: a dataset's own set is found by its name in the manifest
+    stream = stream.model_copy(update={"keypoints": stream.keypoints or keypoint_set.name})
     codec = UDPHeatmapCodec(stream.input_size, stream.heatmap_size, stream.sigma)
     device = next(model.parameters()).device
     engine = EngineConfig(device=str(device), precision=config.scaling.precision)
-    annotations = val_annotations(config)
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) / "val.json"
-        local.write_bytes(storage.read_bytes(annotations))
-        ground_truth = load_ground_truth(local)
+    ground_truth = _ground_truth(config, val_annotations(config, dataset), dataset)
 
     def batches():
         seen = 0
-        for batch in iter_pose_batches(config.data.shards, stream, batch_size=config.eval.batch_size, split="val"):
+        for batch in iter_pose_batches(config.data.shards, stream, batch_size=config.eval.batch_size, split="val",
+                                       datasets=datasets):
             if config.eval.max_instances is not None and seen >= config.eval.max_instances:
                 return
             seen += len(batch["image"])
@@ -85,7 +202,7 @@ def validate(model: ViTPose, config: FinetuneConfig, tracker: Tracker, epoch: in
     if config.eval.max_instances is not None:  # evaluate only the images whose crops were predicted
         ground_truth = _subset(ground_truth, {int(i) for b in batches() for i in b["image_id"]})
     stats, _ = evaluate_coco_ap(model, batches(), codec, ground_truth, keypoint_set, engine, config.eval.flip_test)
-    if config.eval.num_visualized:
+    if config.eval.num_visualized and draw:
         _log_predictions_png(model, next(batches()), codec, keypoint_set, engine, config, tracker, epoch)
     return {f"val_{name}": value for name, value in stats.items()}
 
@@ -127,8 +244,31 @@ def export_best(model: ViTPose, config: FinetuneConfig, directory: Path, metadat
     save_checkpoint(model, directory, metadata={**metadata, "shards": config.data.shards})
 
 
-FINETUNE = TrainingRecipe(name="finetune", task=FinetuneTask(), build_model=build_finetune_model,
-                          export=export_best, validate=validate, best_metric="val_AP")
+@dataclasses.dataclass(frozen=True)
+class PoseFinetuneTask:
+    """Heatmap loss of a single-decoder batch, or of a mixed multi-dataset batch (it carries
+    ``dataset_index``): then each sample through its dataset's decoder (``MultiDatasetFinetuneTask``)."""
+
+    name: str = "finetune"
+
+    def loss(self, model: Any, batch: Any) -> Any:
+        if "dataset_index" not in batch:
+            return FinetuneTask().loss(model, batch)
+        names = tuple(unwrap_model(model).config.dataset_names)
+        return MultiDatasetFinetuneTask(names).loss(model, batch)
+
+
+def stream_options(config: FinetuneConfig) -> dict[str, Any]:
+    """The training stream's keypoint layouts, and the mix of a multi-dataset run."""
+    options: dict[str, Any] = {"keypoint_sets": shard_keypoint_sets(config.data.shards)}
+    plan = finetune_datasets(config)
+    if plan:
+        options.update(mixed_datasets=[name for name, _, _ in plan], ratios=[ratio for _, _, ratio in plan])
+    return options
+
+
+FINETUNE = TrainingRecipe(name="finetune", task=PoseFinetuneTask(), build_model=build_finetune_model,
+                          export=export_best, validate=validate, best_metric="val_AP", stream_options=stream_options)
 
 
 def run_finetune(config: FinetuneConfig, **trainer_kwargs: Any) -> StageOutput:

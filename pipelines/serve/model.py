@@ -132,7 +132,6 @@ class PoseModel:
         from vitpose_core.checkpoint import load_model
         from vitpose_core.codec import UDPHeatmapCodec
         from vitpose_core.inference import model_input_size, optimize_for_inference
-        from vitpose_core.keypoints import KEYPOINT_SETS
 
         download_dir = tempfile.mkdtemp(prefix="vitpose-serve-")
         try:
@@ -149,7 +148,7 @@ class PoseModel:
             model = optimize_for_inference(model, dtype=None, compile=True)
         input_size = model_input_size(model)
         loaded = LoadedModel(model=model, dtype_name=dtype_name, dtype=dtype,
-                             keypoint_set=KEYPOINT_SETS[model.config.keypoint_set], input_size=input_size,
+                             keypoint_set=model.config.keypoint_set_data, input_size=input_size,
                              codec=UDPHeatmapCodec(input_size), name=resolved.name, version=resolved.version,
                              source=resolved.source)
         self._warm_up(loaded)

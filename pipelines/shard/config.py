@@ -15,9 +15,12 @@ class ShardSource(StrictConfig):
 
     annotations: str
     images: str
-    dataset: Literal["coco", "aic"]
+    dataset: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                         description="a free name (coco, aic, my_fish, ...); rows carry it and training filters by it")
     split: Literal["train", "val"]
-    format: Literal["auto", "coco", "aic_raw"] = "auto"
+    format: Literal["auto", "coco", "aic_raw", "mpii"] = "auto"
+    keypoints: str | None = Field(None, description="keypoint set: a built-in name, a COCO json or a keypoint-set "
+                                  "YAML; None: the annotation file's category (raw AIC: aic, MPII: mpii)")
 
 
 class SyntheticSection(StrictConfig):

@@ -36,7 +36,7 @@ from pipelines.contract import StageOutput
 from pipelines.shard.config import ShardConfig, ShardSource
 from pipelines.shard.crops import cut_image_batch, shard_schema
 from vitpose_core.datasets import SKIP_REASONS, parse_annotation_bytes
-from vitpose_core.keypoints import AIC_TO_COCO, KEYPOINT_SETS
+from vitpose_core.keypoints import AIC_TO_COCO, KeypointSetError, resolve_keypoint_set
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +96,9 @@ def run_shard(config: ShardConfig, force: bool = False) -> dict[str, Any]:
         "fingerprint": fingerprint,
         "config": {k: v for k, v in dump_config(config).items() if k != "out"},
         "inputs": inputs,
-        "keypoints": {name: {"num_keypoints": ks.num_keypoints, "names": list(ks.names)}
-                      for name, ks in KEYPOINT_SETS.items()},
+        # each dataset's keypoint set (names, flips, skeleton, sigmas): the data stream, training and
+        # evaluation take the layout of a dataset's rows from here
+        "keypoint_sets": dataset_keypoint_sets(parsed_sources),
         "aic_to_coco": list(AIC_TO_COCO),
         "shards_dir": SHARDS_DIR,
         "files": files,
@@ -161,6 +162,9 @@ def _delete_file(uri: str) -> None:
 def _read_sources(config: ShardConfig) -> tuple[list[dict[str, Any]], list[tuple[ShardSource, Any]], list[dict]]:
     """Hash and parse every annotation file. Unreadable or non-JSON files become file-level skips."""
     inputs, parsed_sources, file_skips = [], [], []
+    # a bad --keypoints (unknown set, unreadable file) stops the run before anything is read
+    layouts = {source.keypoints: _resolve_layout(source.keypoints, source.dataset)
+               for source in config.sources if source.keypoints}
     for source in config.sources:
         uri = storage.normalize(source.annotations)
         entry: dict[str, Any] = {"annotations": uri, "images": storage.normalize(source.images),
@@ -174,17 +178,42 @@ def _read_sources(config: ShardConfig) -> tuple[list[dict[str, Any]], list[tuple
             continue
         entry.update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
         try:
-            parsed = parse_annotation_bytes(data, source.dataset, source.split, _basename(uri), source.format)
+            parsed = parse_annotation_bytes(data, source.dataset, source.split, _basename(uri), source.format,
+                                            keypoint_set=layouts[source.keypoints] if source.keypoints else None)
+        except KeypointSetError:
+            raise  # the file's category names no usable keypoint set: the user must fix it or pass --keypoints
         except ValueError as error:
             entry["error"] = str(error)
             inputs.append(entry)
             file_skips.append({**{k: entry[k] for k in ("annotations", "dataset", "split")},
                                "reason": "malformed_json", "detail": str(error)})
             continue
-        entry.update(format=parsed.format, records_in=parsed.records_in)
+        # the resolved set is an input too: a changed keypoint-set YAML must change the fingerprint
+        entry.update(format=parsed.format, records_in=parsed.records_in, keypoint_set=parsed.keypoint_set.to_dict())
         inputs.append(entry)
         parsed_sources.append((source, parsed))
     return inputs, parsed_sources, file_skips
+
+
+def _resolve_layout(spec: str, dataset: str) -> Any:
+    try:
+        return resolve_keypoint_set(spec)
+    except KeypointSetError as error:
+        raise KeypointSetError(f"shard source {dataset!r}: keypoints {spec!r}: {error}") from None
+
+
+def dataset_keypoint_sets(parsed_sources: list[tuple[ShardSource, Any]]) -> dict[str, dict[str, Any]]:
+    """dataset name -> its keypoint set record; every file of one dataset must share one layout."""
+    sets: dict[str, Any] = {}
+    for source, parsed in parsed_sources:
+        layout = parsed.keypoint_set
+        known = sets.setdefault(source.dataset, layout)
+        if not known.same_layout(layout):
+            raise KeypointSetError(
+                f"dataset {source.dataset!r}: {source.annotations} has keypoint set {layout.name!r} "
+                f"({layout.num_keypoints} keypoints) but another of its files has {known.name!r} "
+                f"({known.num_keypoints}); give the files of one dataset one layout (--keypoints) or different names")
+    return {name: layout.to_dict() for name, layout in sorted(sets.items())}
 
 
 def _basename(uri: str) -> str:

@@ -63,7 +63,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
     import ray.train.torch
 
-    from pipelines.data import iter_pose_batches
+    from pipelines.data import iter_pose_batches, shard_keypoint_sets
 
     setup: LoopConfig = loop_config["setup"]
     recipe, config = setup.recipe, setup.config
@@ -108,6 +108,9 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             tracker.log_shards_input(config.data.shards, _read_manifest(config.data.shards))
         shard = ray.train.get_dataset_shard("train")
         stream = config.data.stream_config(config.model.input_size)
+        # the rows' keypoint layouts (shard manifest); a recipe may add a multi-dataset mix
+        stream_options = (recipe.stream_options(config) if recipe.stream_options is not None
+                          else {"keypoint_sets": shard_keypoint_sets(config.data.shards)})
         per_worker_batch = config.data.batch_size // world
 
         def save(metrics: dict[str, float], gathered: tuple[dict, dict] | None = None) -> None:
@@ -126,7 +129,8 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         while progress.epoch < config.schedule.epochs and progress.step < total_steps:
             epoch = progress.epoch
             batches = iter_pose_batches(shard, stream, batch_size=per_worker_batch, seed=config.seed, epoch=epoch,
-                                        rank=rank, drop_last=True, shuffle_buffer=config.data.shuffle_buffer)
+                                        rank=rank, drop_last=True, shuffle_buffer=config.data.shuffle_buffer,
+                                        **stream_options)
             # every rank takes the same number of steps, or DDP's all-reduce would wait forever
             summary = run_epoch(model, recipe.task, islice(batches, per_epoch), optimizer, scheduler, engine,
                                 step=progress.step, skip_batches=progress.batch_in_epoch,

@@ -27,6 +27,8 @@ class TrainingRecipe:
         validate: (unwrapped model, config, tracker, epoch) -> metrics, run on rank 0 after each epoch.
         best_metric: metric of ``validate`` that selects the exported model (None: export the last).
         backbone_prefix: module prefix of the ViT, for layer-wise lr decay.
+        stream_options: config -> extra ``iter_pose_batches`` arguments (keypoint sets, a multi-dataset
+            mix); None: the shard manifest's keypoint sets.
     """
 
     name: str
@@ -36,6 +38,7 @@ class TrainingRecipe:
     validate: Callable[[nn.Module, Any, Any, int], dict[str, float]] | None = None
     best_metric: str | None = None
     backbone_prefix: str = "backbone."
+    stream_options: Callable[[Any], dict[str, Any]] | None = None
 
 
 def run_name(recipe: TrainingRecipe, config: Any) -> str:

@@ -27,6 +27,10 @@ class ModelSection(StrictConfig):
     window_size: int = Field(8, ge=1)
     grad_checkpointing: bool = False
     pretrained: str | None = Field(None, description="MAE encoder dir (pretrain output) or a ViTPose checkpoint")
+    num_experts: int = Field(0, ge=0, description="multi-dataset runs: ViTPose++ MoE FFNs with this many experts "
+                             "(>= the number of datasets); 0: plain FFNs")
+    part_features: int | None = Field(None, ge=1, description="MoE: FFN output features of the dataset experts "
+                                      "(None: embed_dim // 4, the official ViTPose++ split, 192 of 768 for B)")
 
     @field_validator("variant")
     @classmethod
@@ -55,6 +59,10 @@ class ModelSection(StrictConfig):
                                   "window_size": self.window_size, "grad_checkpointing": self.grad_checkpointing,
                                   "drop_path_rate": self.drop_path_rate if self.drop_path_rate is not None
                                   else VARIANTS[self.variant].drop_path_rate}
+        if self.num_experts:
+            fields["num_experts"] = self.num_experts
+            fields["part_features"] = (self.part_features if self.part_features is not None
+                                       else VARIANTS[self.variant].embed_dim // 4)
         return fields
 
 

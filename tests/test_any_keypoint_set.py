@@ -1,0 +1,204 @@
+"""Any keypoint dataset through the stages (issue #16, pipelines half): shard -> finetune -> eval -> predict.
+
+* every shared sample shards with its own keypoint set, recorded in the manifest and streamed in that layout;
+* a custom set defined only by a COCO file's category (5 keypoints, its own skeleton) goes end to end:
+  shard, a few Ray Train steps, `vitpose eval --checkpoint --shards`, `vitpose predict` drawing its skeleton;
+* multi-dataset fine-tuning: synthetic COCO-layout people + synthetic AIC-layout people, one backbone
+  (MoE FFNs) and one decoder per dataset, both decoders trained, AP per dataset, single-dataset export.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipelines.cli import main
+from pipelines.config import build_config
+from pipelines.data import StreamConfig, iter_pose_batches, shard_keypoint_sets
+from pipelines.finetune.config import FinetuneConfig
+from pipelines.finetune.run import build_finetune_model, run_finetune
+from pipelines.shard.config import ShardConfig, ShardSource
+from pipelines.shard.crops import CropConfig
+from pipelines.shard.run import run_shard, write_synthetic_dataset
+from vitpose_core.checkpoint import load_model
+from vitpose_core.keypoints import KeypointSet, get_keypoint_set
+from vitpose_core.synthetic import SyntheticConfig
+from vitpose_core.visualize import draw_poses
+
+CROP = CropConfig(width=72, height=96)
+
+# shared sample -> (annotation file, image folder, the keypoint set its rows must carry)
+SHARED = {
+    "coco": ("coco/test_coco.json", "coco", "coco"),
+    "aic": ("aic/test_aic.json", "aic", "aic"),
+    "aic_raw": ("aic/keypoint_annotations_example.json", "aic", "aic"),
+    "mpii": ("mpii/test_mpii.json", "mpii", "mpii"),
+    "crowdpose": ("crowdpose/test_crowdpose.json", "crowdpose", "crowdpose"),
+    "ochuman": ("ochuman/test_ochuman.json", "ochuman", "coco"),  # OCHuman annotates COCO-17
+    "ap10k": ("ap10k/test_ap10k.json", "ap10k", "ap10k"),
+    "posetrack18": ("posetrack18/annotations/test_posetrack18_val.json", "posetrack18", "posetrack18"),
+}
+
+
+def test_each_shared_sample_shards_and_streams_with_its_own_keypoint_set(ray_local, shared_data, tmp_path):
+    sources = [ShardSource(annotations=str(shared_data / ann), images=str(shared_data / images), dataset=name,
+                           split="val") for name, (ann, images, _) in SHARED.items()]
+    manifest = run_shard(ShardConfig(sources=tuple(sources), out=str(tmp_path / "shards"), crop=CROP))
+    recorded = shard_keypoint_sets(str(tmp_path / "shards"))
+    assert sorted(recorded) == sorted(SHARED)
+    tables = [pq.read_table(tmp_path / "shards" / f["path"]) for f in manifest["files"]]
+    for name, (_, _, expected) in SHARED.items():
+        builtin = get_keypoint_set(expected)
+        assert recorded[name].same_layout(builtin), name  # names, flip pairs, skeleton, sigmas
+        assert manifest["keypoint_sets"][name]["skeleton"] == [list(limb) for limb in builtin.skeleton]
+        rows = [k for t in tables for d, k in zip(t["dataset"].to_pylist(), t["keypoints"].to_pylist(), strict=True)
+                if d == name]
+        assert rows and all(len(k) == builtin.num_keypoints for k in rows), name
+        # the stream emits the dataset's own layout: K target channels, flips from its own pairs
+        batch = next(iter_pose_batches(str(tmp_path / "shards"), StreamConfig(input_size=(48, 64)), batch_size=4,
+                                       datasets=[name], split="val"))
+        assert batch["target"].shape[1:] == (builtin.num_keypoints, 16, 12), name
+    # several layouts in one single-decoder stream is an error that says what to do
+    with pytest.raises(ValueError, match="different keypoint sets"):
+        next(iter_pose_batches(str(tmp_path / "shards"), StreamConfig(input_size=(48, 64)), batch_size=4))
+
+
+# ---- a custom set defined only by a COCO file's category ------------------------------------------------
+
+CUSTOM_NAMES = ["crown", "left_hand", "right_hand", "left_foot", "right_foot"]
+FROM_COCO = [0, 9, 10, 15, 16]  # nose, wrists, ankles of the synthetic people
+CUSTOM_SKELETON_1_BASED = [[1, 2], [1, 3], [1, 4], [1, 5], [4, 5]]
+
+
+def _write_custom_split(root: Path, split: str, images: int, seed: int) -> str:
+    """Synthetic people relabelled as a 5-keypoint 'stickman' set that no built-in table knows."""
+    annotations = write_synthetic_dataset(str(root / split), SyntheticConfig(num_images=images, seed=seed), split)
+    document = json.loads(Path(annotations).read_text())
+    for ann in document["annotations"]:
+        points = np.asarray(ann["keypoints"], dtype=float).reshape(17, 3)[FROM_COCO]
+        ann["keypoints"] = points.reshape(-1).tolist()
+        ann["num_keypoints"] = int((points[:, 2] > 0).sum())
+    document["categories"] = [{"id": 1, "name": "stickman", "supercategory": "stickman",
+                               "keypoints": CUSTOM_NAMES, "skeleton": CUSTOM_SKELETON_1_BASED}]
+    Path(annotations).write_text(json.dumps(document))
+    return annotations
+
+
+def _finetune_config(shards: str, storage: Path, **extra) -> FinetuneConfig:
+    data = {
+        "model": {"variant": "vitpose-tiny", "input_size": [48, 64]},
+        "data": {"shards": shards, "batch_size": 8, "shuffle_buffer": 64},
+        "optim": {"lr": 1e-3},
+        "schedule": {"epochs": 1, "max_steps": 4, "warmup_steps": 1, "kind": "constant"},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 0.5, "precision": "fp32"},
+        "checkpoint": {"storage_path": str(storage), "every_n_steps": 100},
+        "tracking": {"enabled": False},
+        "eval": {"batch_size": 16, "num_visualized": 0},
+        **extra,
+    }
+    return build_config(FinetuneConfig, data)
+
+
+def test_custom_keypoint_set_from_a_coco_category_shards_trains_evaluates_and_draws(ray_local, tmp_path, capsys):
+    sources = [ShardSource(annotations=_write_custom_split(tmp_path / "data", split, images, seed),
+                           images=str(tmp_path / "data" / split / "images"), dataset="stickman", split=split)
+               for split, images, seed in (("train", 12, 0), ("val", 3, 1))]
+    shards = str(tmp_path / "shards")
+    manifest = run_shard(ShardConfig(sources=tuple(sources), out=shards, crop=CROP))
+    recorded = manifest["keypoint_sets"]["stickman"]
+    assert recorded["names"] == CUSTOM_NAMES
+    assert recorded["skeleton"] == [[a - 1, b - 1] for a, b in CUSTOM_SKELETON_1_BASED]
+    assert recorded["flip_pairs"] == [[1, 2], [3, 4]]  # inferred from left/right names
+
+    output = run_finetune(_finetune_config(shards, tmp_path / "runs"), name="ft-stickman")
+    checkpoint = output.outputs["checkpoint"]
+    assert checkpoint and 0.0 <= output.metrics["val_AP"] <= 1.0
+    model = load_model(checkpoint)
+    custom = model.config.keypoint_set_data  # the checkpoint records the whole set, not just a name
+    assert list(custom.names) == CUSTOM_NAMES and custom.skeleton == tuple(map(tuple, recorded["skeleton"]))
+
+    assert main(["eval", "--checkpoint", checkpoint, "--shards", shards, "--precision", "fp32",
+                 "--output", str(tmp_path / "eval.json")]) == 0
+    metrics = json.loads((tmp_path / "eval.json").read_text())["metrics"]
+    assert metrics["AP"] == pytest.approx(output.metrics["val_AP"], abs=1e-6)  # what training logged
+
+    image_bgr = cv2.imread(str(tmp_path / "data" / "val" / "images" / sorted(
+        p.name for p in (tmp_path / "data" / "val" / "images").iterdir())[0]))
+    cv2.imwrite(str(tmp_path / "person.png"), image_bgr)  # lossless input: pixel-exact comparison below
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", checkpoint, "--image", str(tmp_path / "person.png"),
+                 "--score-thr", "0", "--output-dir", str(tmp_path / "pred")]) == 0
+    record = json.loads((tmp_path / "pred" / "person.pose.json").read_text())
+    assert record["keypoint_names"] == CUSTOM_NAMES and record["skeleton"] == recorded["skeleton"]
+    keypoints = np.asarray([p["keypoints"] for p in record["persons"]])
+    assert keypoints.shape == (1, 5, 3)
+    drawn = cv2.cvtColor(cv2.imread(str(tmp_path / "pred" / "person.pose.png")), cv2.COLOR_BGR2RGB)
+    image = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
+    boxes = [p["box"] for p in record["persons"]]
+    assert np.array_equal(drawn, draw_poses(image, keypoints, custom, 0.0, boxes_xywh=boxes))
+    no_limbs = KeypointSet("bare", custom.names, custom.flip_pairs, (), custom.sigmas, custom.upper_body)
+    assert not np.array_equal(drawn, draw_poses(image, keypoints, no_limbs, 0.0, boxes_xywh=boxes))  # limbs drawn
+
+
+# ---- multi-dataset fine-tuning ---------------------------------------------------------------------------
+
+def test_multi_dataset_finetune_trains_both_decoders_and_reports_ap_per_dataset(ray_local, tmp_path):
+    sources = []
+    for dataset, layout in (("coco", "coco"), ("aic_synth", "aic")):
+        for split, images, seed in (("train", 10, 0), ("val", 3, 1)):
+            root = tmp_path / dataset / split
+            annotations = write_synthetic_dataset(str(root), SyntheticConfig(num_images=images, seed=seed,
+                                                                             layout=layout), split)
+            sources.append(ShardSource(annotations=annotations, images=str(root / "images"), dataset=dataset,
+                                       split=split))
+    shards = str(tmp_path / "shards")
+    run_shard(ShardConfig(sources=tuple(sources), out=shards, crop=CROP))
+    config = _finetune_config(shards, tmp_path / "runs",
+                              datasets=[{"name": "coco", "ratio": 1}, {"name": "aic_synth", "ratio": 1}])
+    config = config.model_copy(update={"model": config.model.model_copy(update={"num_experts": 2})})
+
+    torch.manual_seed(config.seed)  # the loop's initial weights
+    initial = build_finetune_model(config).state_dict()
+    output = run_finetune(config, name="ft-multi")
+    for name in ("coco", "aic_synth"):
+        assert 0.0 <= output.metrics[f"val_AP_{name}"] <= 1.0
+    assert output.metrics["val_AP"] == output.metrics["val_AP_coco"]  # the primary dataset's
+
+    model = load_model(output.outputs["checkpoint"])
+    assert model.config.dataset_names == ["coco", "aic_synth"] and model.config.num_experts == 2
+    assert [s.num_keypoints for s in model.config.dataset_keypoint_sets()] == [17, 14]
+    trained = model.state_dict()
+    for prefix in ("keypoint_head.", "associate_keypoint_heads.0.", "backbone.blocks.0.mlp.experts.1."):
+        changed = [k for k in trained if k.startswith(prefix) and not torch.equal(trained[k], initial[k])]
+        assert changed, f"{prefix} was not trained"
+
+    aic_only = load_model(output.outputs["checkpoint"], dataset="aic_synth")
+    assert aic_only.config.keypoint_set == "aic" and aic_only.config.num_experts == 0
+    assert main(["eval", "--checkpoint", output.outputs["checkpoint"], "--shards", shards, "--precision", "fp32",
+                 "--output", str(tmp_path / "eval.json")]) == 0
+    metrics = json.loads((tmp_path / "eval.json").read_text())["metrics"]
+    assert metrics["AP_aic_synth"] == pytest.approx(output.metrics["val_AP_aic_synth"], abs=1e-6)
+
+
+def test_mix_by_ratio_follows_the_ratios_uses_every_row_and_never_runs_short():
+    import pyarrow as pa
+
+    from pipelines.data import mix_by_ratio
+
+    # 30 rows of "a", 10 of "b", arriving a-heavy; ratio 1:1 asks for equal shares
+    datasets = ["a"] * 30 + ["b"] * 10
+    tables = [pa.table({"dataset": datasets[i:i + 8], "row": list(range(i, i + 8))}) for i in range(0, 40, 8)]
+    batches = list(mix_by_ratio(tables, ["a", "b"], [1, 1], batch_size=4, buffer_rows=64))
+    rows = [r for b in batches for r in b["row"].to_pylist()]
+    assert set(rows) == set(range(40))  # every row once at least (b repeats once it runs out)
+    assert len([b for b in batches if b.num_rows == 4]) >= 40 // 4  # >= plain batching: DDP ranks stay in step
+    first = [d for b in batches[:5] for d in b["dataset"].to_pylist()]
+    assert first.count("a") == first.count("b") == 10  # while both have rows, the 1:1 ratio holds exactly
+    with pytest.raises(ValueError, match="dataset 'c'"):
+        list(mix_by_ratio([pa.table({"dataset": ["c"], "row": [0]})], ["a", "b"], [1, 1], batch_size=2))
