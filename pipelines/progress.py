@@ -24,8 +24,9 @@ def format_seconds(seconds: float) -> str:
 class Reporter:
     """Prints pipeline progress to `stream` (stdout by default), flushing each line."""
 
-    def __init__(self, stream: TextIO | None = None) -> None:
+    def __init__(self, stream: TextIO | None = None, log_file: str | None = None) -> None:
         self.stream = stream or sys.stdout
+        self.log_file = log_file
         self.started = time.time()
         self.summary_lines: list[str] = []
 
@@ -38,6 +39,8 @@ class Reporter:
         self._print(f"  workdir  {workdir}")
         self._print(f"  mlflow   {tracking_uri}")
         self._print(f"  ray      {ray}")
+        if self.log_file:
+            self._print(f"  log      {self.log_file}  (Ray, Tune and MLflow messages; `vitpose -v run` shows them here)")
 
     def stage_started(self, name: str, index: int, total: int) -> None:
         self._print(f"[{index + 1}/{total}] {name:<9} running ...")

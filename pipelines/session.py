@@ -98,6 +98,31 @@ def disconnect_ray() -> None:
         ray.shutdown()
 
 
+# the libraries whose INFO chatter (cluster start, Tune/Train/Data set-up, MLflow warnings) goes to the log file
+CHATTY_LOGGERS = ("ray", "mlflow", "alembic", "py.warnings", "urllib3", "filelock", "pipelines", "vitpose_core")
+
+
+def send_logs_to_file(path: Path, verbose: bool = False) -> Path:
+    """Everything logged (ours, Ray's, Tune's, MLflow's, Python warnings) goes to `path`; the console keeps the
+    stage lines and progress bars the command prints itself, plus errors. `verbose` keeps the console's
+    INFO lines too (`vitpose -v run`)."""
+    import logging
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    handler.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    logging.captureWarnings(True)  # MLflow's and Ray's UserWarnings: into the file, not between stage lines
+    if not verbose:
+        for console in [h for h in root.handlers if h is not handler]:
+            console.setLevel(logging.ERROR)
+        for name in CHATTY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.INFO)
+    return path
+
+
 def resolve_tracking_uri(configured: str | None, workdir: str) -> tuple[str, str | None]:
     """(absolute tracking URI, artifact location for a new experiment, or None for the server's default).
 

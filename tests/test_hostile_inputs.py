@@ -113,6 +113,22 @@ def test_malformed_set_yaml_is_one_line(capsys):
     assert code == 2 and "rows_per_file={a: [}" in error_line(err) and "Traceback" not in err
 
 
+def test_misspelt_sections_and_stages_are_errors_not_defaults(tmp_path, capsys):
+    """A misspelt section ran the defaults (210 epochs for finetune); `--stages ,` ran every stage, serve too."""
+    config = tmp_path / "pipeline.yaml"
+    config.write_text("shrad:\n  rows_per_file: 8\n")
+    code, err = run_cli(capsys, "plan", "--config", config)
+    assert code == 2 and "unknown key 'shrad'" in err
+    code, err = run_cli(capsys, "finetune", "--config", "pipelines/configs/local.yaml", "--section", "finetun")
+    assert code == 2 and "has no section 'finetun'" in err and "finetune" in err
+    for selection in (",", "", " , "):
+        code, err = run_cli(capsys, "run", "--stages", selection, "--set", f"workdir={tmp_path / 'runs'}")
+        assert code == 2 and "the stage selection is empty" in err, (selection, err)
+    code, err = run_cli(capsys, "run", "--stages", "shard,fine", "--set", f"workdir={tmp_path / 'runs'}")
+    assert code == 2 and "unknown stage 'fine'" in err
+    assert not (tmp_path / "runs" / "shard").exists()  # nothing ran
+
+
 def test_config_directory_and_non_utf8_name_the_file(tmp_path, capsys):
     code, err = run_cli(capsys, "shard", "--config", tmp_path)
     assert code == 2 and f"config file {tmp_path} is a directory" in error_line(err)

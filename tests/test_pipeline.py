@@ -129,6 +129,11 @@ def test_tiny_shard_finetune_register_run_then_rerun_skips_everything(ray_local,
     assert register["outputs"]["winner"] == "finetune" and register["outputs"]["promoted"] is True
     assert register["outputs"]["model_uri"] == "models:/vitpose@champion"
     assert 0.0 <= register["metrics"]["ap"] <= 1.0
+    # pictures a person can open: the champion's poses on val images and the candidates' learning curves
+    pictures = register["outputs"]["pictures"]
+    assert set(pictures) == {"champion_predictions", "learning_curves"}
+    for png in pictures.values():
+        assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     tracking_uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
     client = MlflowClient(tracking_uri)
@@ -139,6 +144,8 @@ def test_tiny_shard_finetune_register_run_then_rerun_skips_everything(ray_local,
     assert set(children) == set(stages)
     # the finetune Train run nests under the finetune stage's child run, tagged with its output (its identity
     # when a later attempt closes runs a killed one left RUNNING)
+    logged = {a.path for a in client.list_artifacts(children["register"].info.run_id, "pictures")}
+    assert {"pictures/champion_predictions.png", "pictures/learning_curves.png"} <= logged
     train_runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == children["finetune"].info.run_id]
     assert len(train_runs) == 1 and train_runs[0].info.status == "FINISHED"
     assert train_runs[0].data.tags["vitpose.train_output"].endswith("/" + Path(finetune["outputs"]["run"]).name)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
+from pathlib import Path
 from typing import Any
 
 
@@ -59,6 +61,12 @@ def summary_lines(results: list[Any], config: Any, tracking_uri: str) -> list[st
                      f"AP {register.get('metrics', {}).get('ap', float('nan')):.3f} on the val split")
         if scores:
             lines.append(f"  candidates   {scores} (same val split, flip test)")
+        for name, uri in (out.get("pictures") or {}).items():
+            lines.append(f"  picture      {uri}  ({name.replace('_', ' ')})")
+    if register and config.shard.get("synthetic") is not None and not config.shard.get("sources"):
+        lines.append("  note         this champion has seen only synthetic people (stick figures on noise): on real "
+                     "photos use official or Hugging Face ViTPose weights (`vitpose predict --checkpoint vitpose-b.pth`, "
+                     "docs/weights.md) or train on COCO/AIC with a cluster config (docs/cluster.md)")
     if outputs.get("serve", {}).get("url"):
         url = outputs["serve"]["url"]
         lines.append(f"  endpoint     {url}/v1/pose   (health {url}/healthz, API docs {url}/docs)")
@@ -70,21 +78,22 @@ def summary_lines(results: list[Any], config: Any, tracking_uri: str) -> list[st
 
 def run(args: argparse.Namespace) -> int:
     from pipelines.pipeline import load_pipeline_config, run_pipeline
-    from pipelines.session import disconnect_ray, resolve_tracking_uri
+    from pipelines.progress import Reporter
+    from pipelines.session import disconnect_ray, resolve_tracking_uri, send_logs_to_file
 
     config = load_pipeline_config(args.config, args.overrides, args.overlays)
     # `--stages ,` or `--stages ''` is an empty selection (an error), not "every stage"
     stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages is not None else None
+    log_file = send_logs_to_file(_log_path(config.workdir_uri), verbose=args.verbose)
     try:
-        results = run_pipeline(config, stages=stages, start=args.start, force=args.force)
+        results = run_pipeline(config, stages=stages, start=args.start, force=args.force,
+                               reporter=Reporter(log_file=str(log_file)))
         tracking_uri, _ = resolve_tracking_uri(config.mlflow.tracking_uri, config.workdir_uri)
         print("\n".join(summary_lines(results, config, tracking_uri)), flush=True)
 
         served = any(r.name == "serve" and r.state == "done" for r in results)
         keep = args.keep_serving if args.keep_serving is not None else sys.stdout.isatty()
         if served and keep and not os.environ.get("RAY_ADDRESS"):
-            import time
-
             print("serving until Ctrl-C ...", flush=True)
             try:
                 while True:
@@ -94,3 +103,11 @@ def run(args: argparse.Namespace) -> int:
     finally:
         disconnect_ray()  # Ctrl-C, SIGTERM or an error: a private cluster's processes stop with the command
     return 0
+
+
+def _log_path(workdir: str) -> Path:
+    """`<workdir>/logs/run-<time>.log`; a workdir on S3 logs to ./vitpose-logs (a log file is appended to)."""
+    from pipelines import storage
+
+    root = Path("vitpose-logs") if storage.is_s3(workdir) else Path(workdir) / "logs"
+    return (root / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log").resolve()

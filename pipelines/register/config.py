@@ -22,3 +22,7 @@ class RegisterConfig(StrictConfig):
                                     "score every candidate and the current champion; the model section is ignored "
                                     "(each model is scored at its own input size)")
     tracking_uri: str | None = Field(None, description="None: MLFLOW_TRACKING_URI, else the pipeline's store")
+    out: str | None = Field(None, description="where the champion's pictures go (local or s3://); they are "
+                            "logged to the stage's MLflow run either way")
+    curves: dict[str, str] = Field({}, description="label -> MLflow run id whose val AP and loss are plotted "
+                                   "(`vitpose run`: the candidates' training runs)")

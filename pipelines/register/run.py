@@ -21,6 +21,9 @@ import logging
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from pipelines import registry, storage
 from pipelines.contract import StageOutput
@@ -97,6 +100,8 @@ def run_register(config: RegisterConfig, run_id: str | None = None) -> StageOutp
     for key, value in tags.items():
         client.set_model_version_tag(config.model_name, version, key, str(value))
 
+    pictures = _pictures(config, client, run_id, champion=config.checkpoints[winner] if promoted else
+                         f"models:/{config.model_name}/{holder}", tracking_uri=tracking_uri)
     champion_version = version if promoted else holder
     champion_ap = scores[winner] if promoted else holder_ap
     metrics = {f"{name}_ap": value for name, value in scores.items()}
@@ -106,7 +111,31 @@ def run_register(config: RegisterConfig, run_id: str | None = None) -> StageOutp
     return StageOutput(
         outputs={"model_uri": f"models:/{config.model_name}@{config.alias}", "model_name": config.model_name,
                  "alias": config.alias, "version": champion_version, "candidate_version": version, "winner": winner,
-                 "promoted": promoted, "checkpoint": config.checkpoints[winner], "scores": scores},
+                 "promoted": promoted, "checkpoint": config.checkpoints[winner], "scores": scores,
+                 "pictures": pictures},
         metrics=metrics,
         summary=f"{verdict}, AP {champion_ap:.3f} ({', '.join(f'{n} {s:.3f}' for n, s in scores.items())})")
 
+
+
+def _pictures(config: RegisterConfig, client: Any, run_id: str, champion: str, tracking_uri: str) -> dict[str, str]:
+    """The champion's poses on val images and the candidates' learning curves: PNGs logged to the run
+    (`log_image`, shown in the MLflow UI) and written to `config.out`; returns where they are."""
+    from PIL import Image
+
+    from pipelines.pictures import learning_curves, predictions_on_val
+
+    written = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        local = registry.resolve_model_source(champion, tracking_uri, Path(tmp) / "champion") \
+            if not storage.is_s3(champion) else storage.local_dir(champion)
+        pngs = {"champion_predictions": predictions_on_val(local, config.scoring.data.shards,
+                                                           Path(tmp) / "champion_predictions.png")}
+        if config.curves:
+            pngs["learning_curves"] = learning_curves(client, config.curves, Path(tmp) / "learning_curves.png")
+        for name, png in pngs.items():
+            client.log_image(run_id, np.asarray(Image.open(png).convert("RGB")), f"pictures/{name}.png")
+            if config.out:
+                written[name] = storage.join(storage.normalize(config.out), f"{name}.png")
+                storage.write_bytes(written[name], png.read_bytes())
+    return written

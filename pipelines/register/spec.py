@@ -33,6 +33,9 @@ def build(section: dict[str, Any], upstream: Upstream | None) -> RegisterConfig:
         data.setdefault("checkpoints", {name: uri for name, uri in found.items() if uri})
         data["scoring"].setdefault("data", {}).setdefault("shards", upstream.output("shard", "shards"))
         data.setdefault("tracking_uri", upstream.tracking_uri)
+        data.setdefault("out", upstream.path("out"))
+        runs = {name: upstream.output(name, "mlflow_run_id") for name in candidates}
+        data.setdefault("curves", {name: run_id for name, run_id in runs.items() if run_id})
     return build_config(RegisterConfig, data, source="register section")
 
 

@@ -123,7 +123,9 @@ def trial_dirname(trial: Any) -> str:
 def _run_config(config: TuneConfig, out: str, experiment: str):
     from ray import tune
 
-    return tune.RunConfig(name=experiment, storage_path=out,
+    # verbose=0: no trial-status tables between the pipeline's stage lines (the trial table is winner.json's
+    # and the sweep run's; Tune's own log lines still reach the log file)
+    return tune.RunConfig(name=experiment, storage_path=out, verbose=0,
                           failure_config=tune.FailureConfig(max_failures=config.max_trial_failures))
 
 
