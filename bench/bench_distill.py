@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/bench_distill.py [--workdir /tmp/vitpose_bench_distill] [--student-epochs 6]
 
-Everything runs through the stage code (`pipelines.finetune.run_finetune` for the teacher,
-`pipelines.distill.run_distill` for each student) on a local Ray with synthetic shards:
+Everything runs through the stage code (`pipelines.finetune.run` for the teacher,
+`pipelines.distill.run.run_distill` for each student) on a local Ray with synthetic shards:
 
 1. shards: synthetic people (train / val), canonical crops 144x192;
 2. teacher: vitpose-tiny (width 192, depth 6) fine-tuned at 128x96;
@@ -100,23 +100,23 @@ def main() -> None:
         "model": {"variant": "vitpose-tiny", "input_size": [96, 128]},
         "data": {"shards": shards, "batch_size": args.batch_size, "shuffle_buffer": 1024},
         "checkpoint": {"storage_path": str(workdir / "teacher"), "name": "teacher"}})
-    teacher = run_finetune(teacher_config).return_value
-    teacher_dir = workdir / "teacher" / "teacher" / "finetune_export"
-    rows = [{"model": "teacher: vitpose-tiny (192 wide, 6 deep)", "best_val_AP": teacher["best"],
-             "curve": curve(teacher["mlflow_run_id"], tracking_uri), "steps": teacher["step"]}]
+    teacher = run_finetune(teacher_config)
+    teacher_dir = teacher.outputs["checkpoint"]
+    rows = [{"model": "teacher: vitpose-tiny (192 wide, 6 deep)", "best_val_AP": teacher.metrics["ap"],
+             "curve": curve(teacher.outputs["mlflow_run_id"], tracking_uri), "steps": teacher.metrics["steps"]}]
 
     for name, switches in VARIANTS.items():
         slug = name.replace(" + ", "_").replace(" ", "_")
         config = build_config(DistillConfig, {
             **common_sections(args.student_epochs, tracking_uri, args.batch_size, args.lr),
-            "out": str(workdir / slug), "shards": shards, "teacher": str(teacher_dir),
+            "out": str(workdir / slug), "teacher": str(teacher_dir),
+            "data": {"shards": shards, "batch_size": args.batch_size, "shuffle_buffer": 1024},
             "model": {"variant": "vitpose-tiny"},
             "student": {"embed_dim": 96, "depth": 3, "num_heads": 3, "mlp_hidden_dim": 384, "decoder_channels": 64},
-            "distill": {**switches, "token_epochs": args.token_epochs, "token_lr": 1e-3},
-            "registry": {"enabled": False}})
+            "distill": {**switches, "token_epochs": args.token_epochs, "token_lr": 1e-3}})
         record = run_distill(config)
-        values = curve(record["mlflow_run_id"], tracking_uri)
-        rows.append({"model": name, "best_val_AP": record["metrics"]["val_AP"], "last_val_AP": values[-1],
+        values = curve(record.outputs["mlflow_run_id"], tracking_uri)
+        rows.append({"model": name, "best_val_AP": record.metrics["ap"], "last_val_AP": values[-1],
                      "curve": values, "switches": switches})
         print(json.dumps(rows[-1]), flush=True)
 

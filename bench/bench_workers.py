@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_workers.py [--workdir /tmp/vitpose_bench_workers] [--epochs 6]
 
-Runs the real finetune stage (`pipelines.finetune.run_finetune`: Ray Train, DDP over gloo, Ray Data
+Runs the real finetune stage (`pipelines.finetune.run.run_finetune`: Ray Train, DDP over gloo, Ray Data
 shards) on synthetic shards, tiny preset at 128x96: one run with 1 worker, one with 2 workers
 (`data.batch_size` is the global batch, split evenly over the workers), for each seed of `--seeds`:
 the seed-to-seed spread is the run-to-run noise the 1-vs-2-worker difference is judged against.
@@ -58,9 +58,9 @@ def main() -> None:
             "scaling": {"num_workers": workers, "cpus_per_worker": 0.5}, "seed": seed,
             "checkpoint": {"storage_path": str(workdir / "runs"), "name": slug}})
         start = time.time()
-        result = run_finetune(config).return_value
-        rows.append({"run": name, "workers": workers, "seed": seed, "steps": result["step"],
-                     "best_val_AP": result["best"], "curve": curve(result["mlflow_run_id"], tracking_uri),
+        result = run_finetune(config)
+        rows.append({"run": name, "workers": workers, "seed": seed, "steps": result.metrics["steps"],
+                     "best_val_AP": result.metrics["ap"], "curve": curve(result.outputs["mlflow_run_id"], tracking_uri),
                      "seconds": time.time() - start})
         print(json.dumps(rows[-1]), flush=True)
 

@@ -53,7 +53,7 @@ from vitpose_core.multi_dataset import dataset_schedule, pad_keypoint_targets
 
 IMAGENET_MEAN_RGB = np.array([0.485, 0.456, 0.406], np.float32) * 255.0
 IMAGENET_STD_RGB = np.array([0.229, 0.224, 0.225], np.float32) * 255.0
-SHARDS_DIR = "shards"  # under the shard stage's output URI (pipelines/shard.py)
+SHARDS_DIR = "shards"  # under the shard stage's output URI (pipelines/shard/run.py)
 
 
 class StreamConfig(StrictConfig):

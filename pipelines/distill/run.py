@@ -1,7 +1,7 @@
 """`distill` stage: a small ViTPose student learns from a trained teacher (the champion by default).
 
 The two parts of ViTPose's knowledge-token distillation (``vitpose_core.distill``) run as two Ray Train
-runs of the shared training loop (``pipelines.train``), each resumable on its own:
+runs of the shared training loop (``pipelines.training``), each resumable on its own:
 
 1. ``distill_token`` (when ``distill.knowledge_token``): the teacher, frozen, plus one learnable
    token, trained on the ground-truth heatmap loss (``FinetuneTask`` on a ``TokenTeacher``); the token

@@ -108,7 +108,7 @@ class ScheduleSection(StrictConfig):
     @model_validator(mode="after")
     def _warmup_fits_max_steps(self) -> ScheduleSection:
         # the total is min(epochs x steps per epoch, max_steps); the data-dependent part is checked when a
-        # run starts (pipelines.train.check_schedule), this part needs no data
+        # run starts (pipelines.training.recipe.check_schedule), this part needs no data
         if self.max_steps is not None and self.warmup_steps > self.max_steps:
             raise ValueError(f"schedule.warmup_steps ({self.warmup_steps}) is larger than schedule.max_steps "
                              f"({self.max_steps}), so the warm-up would never end; set warmup_steps <= max_steps")
