@@ -186,3 +186,55 @@ def test_hostile_requests_get_4xx_json_and_the_service_stays_up(service):
     ok = requests.post(f"{service}/v1/pose", data=encode(Image.new("RGB", (64, 48)), "PNG"),
                        headers={"Content-Type": "image/png"}, timeout=60)
     assert ok.status_code == 200 and len(ok.json()["persons"]) == 1
+
+
+def format_option_cases(rng: random.Random) -> Iterator[Case]:
+    """The response-format options (`?format=coco&image_id=`) with hostile values, and hostile bodies
+    asking for the COCO shape: (name, send(url) -> response), every one a 4xx."""
+    png = encode(Image.new("RGB", (64, 48)), "PNG")
+
+    def post(params: Any, body: bytes = png, content_type: str = "image/png") -> Callable[[str], requests.Response]:
+        return lambda url: requests.post(f"{url}/v1/pose", data=body, params=params, timeout=60,
+                                         headers={"Content-Type": content_type})
+
+    for i, value in enumerate(["", "COCO", "coco ", "json", "default\x00", "cöco", "x" * 4000, "coco;", "null"]):
+        yield f"format-value-{i}", post({"format": value})
+    yield "format-repeated", post([("format", "coco"), ("format", "xml")])
+    for i, value in enumerate(["-1", "1.5", "1e3", "0x10", " 1", "", "9" * 20, str(2**63), "\u0663", "NaN", "null",
+                               "1" * 5000]):
+        yield f"image-id-{i}", post({"format": "coco", "image_id": value})
+    yield "image-id-without-coco", post({"image_id": "1"})
+    for i in range(8):  # the COCO option does not open another way past the input checks
+        junk = rng.randbytes(rng.randint(0, 3000))
+        yield f"coco-junk-{i}", post({"format": "coco", "image_id": str(i)}, junk)
+    for i, boxes in enumerate(["[[0, 0, 0, 10]]", "[[NaN, 0, 10, 10]]", "[[1000, 1000, 10, 10]]", "not json"]):
+        yield f"coco-bad-boxes-{i}", post({"format": "coco", "boxes": boxes})
+    yield "coco-wrong-type", post({"format": "coco"}, png, "text/plain")
+    yield "coco-oversize", post({"format": "coco"}, png + rng.randbytes(MAX_BODY + 1))
+    yield "post-model-info", lambda url: requests.post(f"{url}/v1/model", data=png, timeout=60)
+    yield "put-model-info", lambda url: requests.put(f"{url}/v1/model", timeout=60)
+
+
+def test_hostile_format_options_get_4xx_json(service):
+    cases = list(format_option_cases(random.Random(4321)))
+    assert len(cases) >= 35, len(cases)
+    results = []
+    for name, call in cases:
+        try:
+            response = call(service)
+        except requests.ConnectionError as error:
+            results.append((name, -1, str(error)[:120]))
+            continue
+        try:
+            body = response.json()
+        except ValueError:
+            body = response.text[:120]
+        results.append((name, response.status_code, body))
+    print("format options:", {name: code for name, code, _ in results})
+    bad = [(name, code, body) for name, code, body in results
+           if not (400 <= code < 500 and isinstance(body, dict) and isinstance(body.get("error"), str))]
+    assert not bad, bad[:10]
+    ok = requests.post(f"{service}/v1/pose", data=encode(Image.new("RGB", (64, 48)), "PNG"),
+                       headers={"Content-Type": "image/png"}, timeout=60,
+                       params={"boxes": "[[0, 0, 64, 48]]", "format": "coco", "image_id": str(2**63 - 1)})
+    assert ok.status_code == 200 and ok.json()[0]["image_id"] == 2**63 - 1
