@@ -202,3 +202,35 @@ def test_mix_by_ratio_follows_the_ratios_uses_every_row_and_never_runs_short():
     assert first.count("a") == first.count("b") == 10  # while both have rows, the 1:1 ratio holds exactly
     with pytest.raises(ValueError, match="dataset 'c'"):
         list(mix_by_ratio([pa.table({"dataset": ["c"], "row": [0]})], ["a", "b"], [1, 1], batch_size=2))
+
+
+def test_a_shared_non_coco_sample_trains_a_few_steps_and_evaluates_in_its_own_layout(ray_local, shared_data, tmp_path):
+    # MPII in its own list layout (converted by the shard stage): 16 keypoints, raw-format val ground truth
+    sources = [ShardSource(annotations=str(shared_data / "mpii/test_mpii.json"), images=str(shared_data / "mpii"),
+                           dataset="mpii", split=split) for split in ("train", "val")]
+    shards = str(tmp_path / "shards")
+    run_shard(ShardConfig(sources=tuple(sources), out=shards, crop=CROP))
+    config = _finetune_config(shards, tmp_path / "runs",
+                              data={"shards": shards, "batch_size": 2, "shuffle_buffer": 8})
+    output = run_finetune(config, name="ft-mpii")
+    model = load_model(output.outputs["checkpoint"])
+    assert model.config.keypoint_set_data == get_keypoint_set("mpii") and model.config.num_keypoints == 16
+    assert output.metrics["steps"] == 2 and 0.0 <= output.metrics["val_AP"] <= 1.0
+
+
+def test_export_takes_one_datasets_model_out_of_a_multi_dataset_checkpoint(tmp_path):
+    from vitpose_core.checkpoint import save_checkpoint
+    from vitpose_core.models import build_model
+    from vitpose_core.multi_dataset import dataset_view
+
+    torch.manual_seed(0)
+    multi = build_model("vitpose-tiny", input_size=(48, 64), num_experts=2, part_features=48,
+                        datasets=[("coco", get_keypoint_set("coco")), ("aic_synth", get_keypoint_set("aic"))]).eval()
+    save_checkpoint(multi, tmp_path / "multi")
+    assert main(["export", "--checkpoint", str(tmp_path / "multi"), "--format", "checkpoint",
+                 "--dataset", "aic_synth", "--out", str(tmp_path / "aic")]) == 0
+    single = load_model(tmp_path / "aic")
+    assert single.config.keypoint_set_data == get_keypoint_set("aic") and single.config.num_experts == 0
+    images = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        assert torch.allclose(single(images), dataset_view(multi, "aic_synth")(images), atol=1e-5)

@@ -127,7 +127,8 @@ def build_finetune_model(config: FinetuneConfig) -> ViTPose:
 
 
 def val_annotations(config: FinetuneConfig, dataset: str | None = None) -> str:
-    """The val split's annotation file (of ``dataset``, if given): configured, or the one the shard manifest records."""
+    """The val split's annotation file: ``data.val_annotations``, else the one the shard manifest records (of
+    ``dataset`` when given: a multi-dataset model's decoders each use their dataset's file from the manifest)."""
     if config.data.val_annotations and dataset is None:
         return config.data.val_annotations
     manifest = _manifest(config)
@@ -182,7 +183,8 @@ def _validate_one(model: Any, config: FinetuneConfig, tracker: Tracker, epoch: i
         same = [name for name, layout in shard_keypoint_sets(config.data.shards).items()
                 if layout.same_layout(keypoint_set)]
         datasets = same or None
-        dataset = same[0] if len(same) == 1 else None
+        # its val file: data.val_annotations if set, else that dataset's in the manifest
+        dataset = same[0] if len(same) == 1 and not config.data.val_annotations else None
     # rows in the model's layout: a dataset's own set is found by its name in the manifest
     stream = stream.model_copy(update={"keypoints": stream.keypoints or keypoint_set.name})
     codec = UDPHeatmapCodec(stream.input_size, stream.heatmap_size, stream.sigma)
