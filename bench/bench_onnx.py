@@ -131,11 +131,13 @@ def speed(args: argparse.Namespace) -> None:
         runners.append(("transformers-sdpa", f"{'bf16' if native_bf16 else 'fp32'}-compiled",
                         _compiled_runner(hf_compiled, dtype, hf=True)))
 
-    with tempfile.TemporaryDirectory(prefix="bench_onnx_") as folder:
+    # the files depend only on the seeded weights, so a rerun (another --threads) reuses them from --work
+    with tempfile.TemporaryDirectory(prefix="bench_onnx_") as scratch:
+        folder = Path(args.work) / "vitpose_b_onnx" if args.reuse_onnx else Path(scratch)
         # calibration for static int8: random crops (speed does not depend on the ranges; AP uses train crops)
         calibration = [torch.randn(4, 3, 256, 192).numpy() for _ in range(2)]
         started = time.perf_counter()
-        files = build_onnx_files(ours, Path(folder), calibration)
+        files = build_onnx_files(ours, folder, calibration, reuse=args.reuse_onnx)
         print(f"export + quantization {time.perf_counter() - started:.0f} s", flush=True)
         for name, runtime_model in ort_models(files, args.threads).items():
             runners.append(("onnxruntime", name.removeprefix("ort "), _ort_runner(runtime_model)))
@@ -163,6 +165,7 @@ def speed(args: argparse.Namespace) -> None:
                      "samples": [round(v, 3) for v in values]})
     update_results(f"speed_threads{args.threads}", {
         "command": f"python bench/bench_onnx.py speed --batch {args.batch} --rounds {args.rounds} --threads {args.threads}"
+                   + (" --reuse-onnx" if args.reuse_onnx else "")
                    + (" --compile" if args.compile else ""), "threads": args.threads,
         "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__, "onnxruntime": _ort_version(),
         "model": "vitpose-b 256x192, random weights", "batch": args.batch, "flops_per_crop": flops_per_crop,
@@ -416,6 +419,9 @@ def render_markdown(results: dict) -> str:
               "kernel's int16 intermediate can saturate.",
               "- Graph optimisation levels: `basic` (constant folding, redundant nodes), `extended` (+ fusions "
               "such as LayerNorm, GELU, MatMul+Add), `all` (+ layout changes); intra-op threads as the row says.",
+              "- On a loaded machine the matmul peak is measured at one moment and each row at others, so a "
+              "'% of peak' above 100% means the load changed, not a kernel beating the peak: read the ratios, "
+              "and the per-round samples for their spread.",
               "- torch.compile rows run only with `--compile` (minutes of compilation per row on 2 busy cores); "
               "bf16 rows only on CPUs with native bf16 (AMX / AVX512-BF16): elsewhere bf16 matmuls are emulated "
               "(see the measured bf16 peak) and would take minutes per batch.", ""]
@@ -436,6 +442,8 @@ def main() -> None:
     parser.add_argument("--train-minutes", type=float, default=5.0, help="ap: stop training after this many CPU minutes")
     parser.add_argument("--batch-size", type=int, default=32, help="ap: training batch")
     parser.add_argument("--skip-bf16", action="store_true", help="ap: no torch bf16 row (slow without native bf16)")
+    parser.add_argument("--reuse-onnx", action="store_true",
+                        help="speed: keep the ViTPose-B ONNX files under --work and reuse them in later runs")
     parser.add_argument("--threads", type=int, default=2,
                         help="torch threads and onnxruntime intra-op threads, the same for every side")
     args = parser.parse_args()
