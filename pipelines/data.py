@@ -1,7 +1,7 @@
 """Reading side of the shards: a Ray Dataset, and per-worker streams of augmented training batches.
 
 One shard set serves every input resolution: crops are stored once at a canonical size with context
-(pipelines/crops.py); the stream decodes each JPEG, samples flip / half-body / scale / rotation,
+(pipelines/shard/crops.py); the stream decodes each JPEG, samples flip / half-body / scale / rotation,
 warps once to the chosen input size (vitpose_core.augment) and encodes UDP heatmap targets
 (vitpose_core.codec). It runs in the process that consumes it, so the same code serves:
 

@@ -21,6 +21,7 @@ import yaml
 
 from pipelines.config import ConfigError, dump_config
 from pipelines.pipeline import STAGES, PipelineConfig, validate_sections
+from pipelines.tune.config import trial_finetune_config
 
 DEFAULT_CLUSTER = Path(__file__).resolve().parents[1] / "ray_cluster.yaml"
 
@@ -45,14 +46,23 @@ def build_plan(config: PipelineConfig, cluster_file: str | Path | None = DEFAULT
         problems += _resource_problems(resources, node_types(cluster_file), cluster_file)
     if problems:
         raise ConfigError("pipeline plan problems:\n" + "\n".join(problems))
-    return {"stages": {name: dump_config(stage_config) for name, stage_config in configs.items()},
-            "resources": resources, "models": _models(configs)}
+    stages = {name: _shown(stage_config) for name, stage_config in configs.items()}
+    # tune's base as every trial gets it (the derived section validated as a FinetuneConfig), not the raw dict
+    stages["tune"]["finetune"] = _shown(trial_finetune_config(configs["tune"], {}, "plan"))
+    return {"stages": stages, "resources": resources, "models": _models(configs)}
+
+
+def _shown(stage_config: Any) -> dict[str, Any]:
+    """A config as the run uses it: a training stage streams crops at `model.input_size`, whatever the
+    stream section's own default says."""
+    shown = dump_config(stage_config)
+    if "model" in shown and "stream" in shown.get("data", {}):
+        shown["data"]["stream"]["input_size"] = shown["model"]["input_size"]
+    return shown
 
 
 def _models(configs: dict[str, Any]) -> dict[str, Any]:
     """Which model each training stage trains, and which the distill teacher can be (tune's or finetune's)."""
-    from pipelines.tune.config import trial_finetune_config
-
     tune = configs["tune"]
     trial_variants = sorted({trial_finetune_config(tune, {name: value}, "plan").model.variant
                              for name, axis in tune.search_space.items() for value in axis.examples()}
@@ -64,8 +74,6 @@ def _models(configs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _consistency_problems(configs: dict[str, Any]) -> list[str]:
-    from pipelines.tune.config import trial_finetune_config
-
     problems = []
     finetune, tune, distill = configs["finetune"], configs["tune"], configs["distill"]
     variant = finetune.model.variant

@@ -2,7 +2,7 @@
 
     vitpose run                                   # embedded default: synthetic data, local Ray, ./vitpose_runs
     vitpose run --config pipelines/configs/cocoaic_vitpose_b_8gpu.yaml
-    vitpose run --set finetune.epochs=2 --from finetune
+    vitpose run --set finetune.schedule.epochs=2 --from finetune
     vitpose run --stages shard,finetune --force
 
 A stage whose record matches its config and inputs is skipped; `--force` reruns the selected stages.
@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="a YAML file deep-merged over the config before --set (repeatable), e.g. "
                         "infra/rehearsal/overlay.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set finetune.epochs=2 (repeatable)")
+                        help="override a config value, e.g. --set finetune.schedule.epochs=2 (repeatable)")
     selection = parser.add_mutually_exclusive_group()
     selection.add_argument("--stages", help="comma-separated stages to run, e.g. shard,finetune")
     selection.add_argument("--from", dest="start", metavar="STAGE", help="run this stage and the ones after it")
