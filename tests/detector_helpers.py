@@ -105,6 +105,11 @@ def briefly_trained_detector(root: Path) -> Path:
     config = DetectorConfig(score_threshold=0.0)
     torch.manual_seed(0)
     model = build_detector(config)
-    train_detector(model, read_person_boxes(annotations, images),
-                   DetectorTrainConfig(epochs=2, batch_size=4, lr=2e-3, warmup_steps=2))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see trained_detector: 2 threads on 2 loaded cores took > 5 min for 8 steps
+    try:
+        train_detector(model, read_person_boxes(annotations, images),
+                       DetectorTrainConfig(epochs=2, batch_size=4, lr=2e-3, warmup_steps=2))
+    finally:
+        torch.set_num_threads(threads)
     return save_detector(model, config, root / "detector")

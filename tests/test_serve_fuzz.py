@@ -1,5 +1,8 @@
 """Hostile input against the real Serve app: >= 300 malformed requests, every one a 4xx JSON error, no 5xx.
 
+The app runs with the person-detector deployment, so every request without boxes (most hostile
+ones, and the odd-but-decodable images of `detector_path_cases`) takes the detector path.
+
 Each case is built from a seeded RNG, so a failure is reproducible from its printed name. The limits
 are set low (256 KiB body, 1 MP, 4096 px side, 8 boxes) so the oversize cases stay cheap to send.
 """
@@ -19,23 +22,37 @@ from typing import Any
 import numpy as np
 import pytest
 import requests
+from detector_helpers import briefly_trained_detector
 from PIL import Image
 from serve_helpers import free_port, running_app, tiny_checkpoint
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(600)  # the module's set-up trains a detector for a few seconds of CPU
 
 MAX_BODY = 256 * 1024
 Case = tuple[str, Callable[[str], requests.Response]]
 
 
 @pytest.fixture(scope="module")
-def service(ray_local, tmp_path_factory):
-    checkpoint = tiny_checkpoint(tmp_path_factory.mktemp("fuzz-model") / "tiny")
+def detector_dir(tmp_path_factory):
+    """A barely trained detector: real boxes (32 per image at threshold 0) through the real deployment."""
+    return briefly_trained_detector(tmp_path_factory.mktemp("fuzz-detector"))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("fuzz-model") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def service(ray_local, checkpoint, detector_dir):
     config = {
         "model": {"checkpoint": str(checkpoint)},
         "batching": {"max_batch_size": 8},
         "resources": {"model_num_cpus": 0.5, "ingress_num_cpus": 0.25},
         "limits": {"max_body_bytes": MAX_BODY, "max_pixels": 1_000_000, "max_side": 4096, "max_boxes": 8},
+        # box-free requests go to the person detector deployment (TorchvisionPersonDetector)
+        "detector": {"import_path": "pipelines.serve.detector:TorchvisionPersonDetector",
+                     "init_kwargs": {"path": str(detector_dir), "score_threshold": 0.0}, "num_cpus": 0.25},
         "max_ongoing_requests": 32, "max_queued_requests": 256, "request_timeout_s": 60, "dtype": "fp32",
     }
     with running_app(config, free_port()) as url:
@@ -184,8 +201,92 @@ def test_hostile_requests_get_4xx_json_and_the_service_stays_up(service):
     # still healthy and still correct
     assert requests.get(f"{service}/healthz", timeout=10).status_code == 200
     ok = requests.post(f"{service}/v1/pose", data=encode(Image.new("RGB", (64, 48)), "PNG"),
-                       headers={"Content-Type": "image/png"}, timeout=60)
+                       headers={"Content-Type": "image/png"}, params={"boxes": "[[0, 0, 64, 48]]"}, timeout=60)
     assert ok.status_code == 200 and len(ok.json()["persons"]) == 1
+
+
+def detector_path_cases(rng: np.random.Generator) -> Iterator[tuple[str, bytes, tuple[int, int]]]:
+    """Decodable images sent without boxes, so the detector sees them: (name, encoded image, (w, h)).
+
+    Extreme shapes (a 4096x1 strip: the detector's resize would make a zero-pixel side), every PIL
+    mode the decoder converts to RGB, flat and noise content, and the largest image the limits allow.
+    """
+    for width, height in [(1, 1), (2, 2), (4096, 1), (1, 4096), (4096, 3), (7, 2000), (1000, 1000), (999, 1001)]:
+        pixels = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+        yield f"shape-{width}x{height}", encode(Image.fromarray(pixels), "PNG"), (width, height)
+    base = Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8))
+    for mode in ["L", "LA", "RGBA", "P", "1", "I;16", "I", "F", "CMYK", "YCbCr", "HSV"]:
+        fmt = "JPEG" if mode in ("CMYK", "YCbCr") else "TIFF" if mode in ("F", "HSV") else "PNG"
+        try:
+            image = base.convert(mode)
+            data = encode(image, fmt)
+        except (OSError, ValueError):  # a mode this Pillow cannot write in that format
+            continue
+        yield f"mode-{mode}-{fmt.lower()}", data, (128, 96)
+    rotated = Image.fromarray(rng.integers(0, 255, (40, 100, 3), dtype=np.uint8))
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees on decode
+    yield "exif-rotated-jpeg", encode(rotated, "JPEG", exif=exif), (40, 100)
+    for value in (0, 255):
+        yield f"flat-{value}", encode(Image.new("RGB", (320, 240), (value,) * 3), "JPEG"), (320, 240)
+
+
+def test_box_free_requests_through_the_detector_answer_4xx_or_a_valid_response(service):
+    cases = list(detector_path_cases(np.random.default_rng(99)))
+    assert len(cases) >= 20, len(cases)
+
+    def send(indexed: tuple[int, tuple[str, bytes, tuple[int, int]]]) -> tuple[str, int, Any, tuple[int, int]]:
+        index, (name, data, size) = indexed
+        form = {"boxes": "null"} if index % 2 else {}  # an explicit null means "detect" too
+        try:
+            response = requests.post(f"{service}/v1/pose", files={"image": ("x", data)}, data=form, timeout=120)
+        except requests.ConnectionError as error:
+            return name, -1, str(error)[:120], size
+        try:
+            return name, response.status_code, response.json(), size
+        except ValueError:
+            return name, response.status_code, response.text[:120], size
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(send, enumerate(cases)))
+    print("detector path:", {name: code for name, code, _, _ in results})
+    bad = []
+    for name, code, body, (width, height) in results:
+        if 400 <= code < 500 and isinstance(body, dict) and isinstance(body.get("error"), str):
+            continue
+        if code != 200 or not isinstance(body, dict) or body.get("image_size") != [width, height]:
+            bad.append((name, code, body))
+            continue
+        for person in body["persons"]:
+            x, y, w, h = person["box"]
+            keypoints = np.asarray(person["keypoints"], np.float64)
+            if not (0 <= x and 0 <= y and w >= 1 and h >= 1 and x + w <= width and y + h <= height) \
+                    or keypoints.shape != (17, 3) or not np.isfinite(keypoints).all():
+                bad.append((name, code, person))
+        if len(body["persons"]) > 8:  # limits.max_boxes caps the detector's boxes too
+            bad.append((name, code, len(body["persons"])))
+    assert not bad, bad[:5]
+    assert requests.get(f"{service}/healthz", timeout=10).status_code == 200
+
+
+def test_box_free_request_poses_the_detector_boxes(service, detector_dir, checkpoint):
+    """Plumbing: the served boxes are the detector's (capped at max_boxes), the keypoints the pose model's."""
+    from vitpose_core.checkpoint import load_model
+    from vitpose_core.detection import load_detector
+    from vitpose_core.inference import TopDownPredictor
+
+    image = np.asarray(Image.open(io.BytesIO(encode(Image.fromarray(
+        np.random.default_rng(5).integers(0, 255, (120, 160, 3), dtype=np.uint8)), "PNG"))))
+    response = requests.post(f"{service}/v1/pose", files={"image": ("x.png", encode(Image.fromarray(image), "PNG"))},
+                             timeout=120)
+    assert response.status_code == 200, response.text
+    persons = response.json()["persons"]
+    expected_boxes = load_detector(detector_dir, score_threshold=0.0).detect(image)[:8, :4]
+    assert len(persons) == len(expected_boxes) == 8
+    np.testing.assert_allclose([p["box"] for p in persons], expected_boxes, atol=1e-6)
+    expected = TopDownPredictor(load_model(checkpoint)).predict(image, expected_boxes)
+    got = np.array([p["keypoints"] for p in persons])
+    assert np.abs(got[..., :2] - expected[..., :2]).max() <= 1e-3
 
 
 def format_option_cases(rng: random.Random) -> Iterator[Case]:

@@ -19,10 +19,17 @@ To plug one in, write a class with the `PersonDetector` method and name it in th
 `build_app` wraps the class in its own Serve deployment (so it scales and fails independently of the
 pose model) and hands the ingress a handle to it; the ingress awaits `handle.detect.remote(image)`.
 Without a detector, `WholeImageDetector` runs inline in the ingress.
+
+The project's own detector (a small torchvision model trained on the pipeline's images, see
+`vitpose_core.detection`) is `TorchvisionPersonDetector`:
+
+    detector: {import_path: "pipelines.serve.detector:TorchvisionPersonDetector",
+               init_kwargs: {path: runs/detector, score_threshold: 0.5}}
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 from typing import Any, Protocol, runtime_checkable
 
@@ -47,6 +54,37 @@ class WholeImageDetector:
     def detect(self, image: np.ndarray) -> np.ndarray:
         height, width = image.shape[:2]
         return np.array([[0.0, 0.0, float(width), float(height), 1.0]])
+
+
+class TorchvisionPersonDetector:
+    """A detector saved by `vitpose_core.detection.save_detector`, served as the `PersonDetector` deployment.
+
+    Args:
+        path: the detector directory (`detector.safetensors` + `detector.json`) on every node.
+        score_threshold: boxes scoring below are dropped; None keeps the saved config's threshold.
+        torch_threads: intra-op threads of this replica (0 = torch's default). One thread per replica
+            is the fast choice on small shared CPUs (docs/serving.md, Performance).
+    """
+
+    def __init__(self, path: str, score_threshold: float | None = None, torch_threads: int = 1) -> None:
+        import torch
+
+        from vitpose_core.detection import load_detector
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        overrides = {} if score_threshold is None else {"score_threshold": score_threshold}
+        self.detector = load_detector(path, **overrides)
+        self.detector.detect(np.zeros((64, 64, 3), np.uint8))  # warm-up: the first request should not pay for it
+
+    async def detect(self, image: np.ndarray) -> np.ndarray:
+        """[N, 5] (x, y, w, h, score) of one RGB uint8 image, highest score first."""
+        # the forward pass releases the GIL: run it off the event loop so queued requests keep arriving
+        return await asyncio.to_thread(self.detector.detect, image)
+
+    def check_health(self) -> None:
+        if getattr(self, "detector", None) is None:
+            raise RuntimeError("detector not loaded")
 
 
 def import_detector_class(import_path: str) -> type:
