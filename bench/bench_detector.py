@@ -249,9 +249,13 @@ def main() -> None:
     report: dict = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                     "cpus": os.cpu_count()}
     report.update(json.loads(parts["detector"].read_text()))
-    if args.pose_checkpoint is None:
+    checkpoint = args.pose_checkpoint or args.work / "pose_tiny"
+    if args.pose_checkpoint is None and parts["pose"].is_file():
         report.update(json.loads(parts["pose"].read_text()))
-    report.update(report_stage(args, args.pose_checkpoint or args.work / "pose_tiny"))
+    if (checkpoint / "config.json").is_file():
+        report.update(report_stage(args, checkpoint))
+    else:  # the pose stage has not finished: report the detector alone rather than nothing
+        print(f"no pose model at {checkpoint}: pose AP not measured", flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "detector.json").write_text(json.dumps(report, indent=1))
     (RESULTS / "detector.md").write_text(markdown(report))
@@ -291,7 +295,9 @@ def markdown(report: dict) -> str:
         "",
         "| person boxes | AP | AP50 | AP75 | AR |", "|---|---|---|---|---|",
     ]
-    for name, stats in report["pose_ap"].items():
+    if "pose_ap" not in report:
+        lines.append("| (not measured in this run: no pose model) | | | | |")
+    for name, stats in report.get("pose_ap", {}).items():
         lines.append(f"| {name.replace('_', ' ')} | {stats['AP']:.3f} | {stats['AP50']:.3f} | "
                      f"{stats['AP75']:.3f} | {stats['AR']:.3f} |")
     if "pose_training" in report:
