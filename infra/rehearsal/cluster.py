@@ -59,7 +59,10 @@ ENV_FILE = "env.sh"
 MLFLOW_DB = "mlflow"
 S3_REGION = "us-east-1"
 # a loaded 2-core box: the head died once waiting for its dashboard agent under the default timeout
-NODE_SLOW_BOX_ENV = {"RAY_agent_register_timeout_ms": "600000"}
+# Ray's memory monitor also off: it compares the whole machine's memory with its threshold, so on a box
+# shared with other work it killed the rehearsal's job supervisor and workers for memory others used
+# (the kernel's OOM killer still guards the machine)
+NODE_SLOW_BOX_ENV = {"RAY_agent_register_timeout_ms": "600000", "RAY_memory_monitor_refresh_ms": "0"}
 WORKER_PORTS_PER_NODE = 64  # --min/--max-worker-port range: one port per worker process of the node
 JOB_AGENT_NOT_READY = ("Connection aborted", "Failed to get head node agent", "No available agent to submit job")
 
