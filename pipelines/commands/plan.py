@@ -14,12 +14,7 @@ import json
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("plan", help="show every stage's effective config and resources; run nothing",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="pipeline YAML (default: the embedded pipelines/configs/local.yaml)")
-    parser.add_argument("--overlay", dest="overlays", action="append", default=[], metavar="YAML",
-                        help="a YAML file deep-merged over the config before --set (repeatable), e.g. "
-                        "infra/rehearsal/overlay.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set finetune.optim.lr=1e-3 (repeatable)")
+    add_pipeline_config_arguments(parser)
     parser.add_argument("--cluster", default=None, help="Ray cluster YAML whose node types must fit every worker "
                         "(default: ray_cluster.yaml of this checkout)")
     parser.add_argument("--json", action="store_true", help='print {"stages": {stage: effective config}, ...}')
@@ -42,3 +37,13 @@ def run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(stage_config, sort_keys=False, default_flow_style=None).rstrip())
     print(f"== models   {json.dumps(plan['models'])}")
     return 0
+
+
+def add_pipeline_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--config`, `--overlay` and `--set` of the commands that take a pipeline file (`run`, `plan`)."""
+    parser.add_argument("--config", help="pipeline YAML (default: the embedded pipelines/configs/local.yaml)")
+    parser.add_argument("--overlay", dest="overlays", action="append", default=[], metavar="YAML",
+                        help="a YAML file deep-merged over the config before --set (repeatable), e.g. "
+                        "infra/rehearsal/overlay.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set finetune.schedule.epochs=2 (repeatable)")

@@ -18,16 +18,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipelines.commands.plan import add_pipeline_config_arguments
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("run", help="run the whole pipeline (shard -> ... -> serve)", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="pipeline YAML (default: the embedded pipelines/configs/local.yaml)")
-    parser.add_argument("--overlay", dest="overlays", action="append", default=[], metavar="YAML",
-                        help="a YAML file deep-merged over the config before --set (repeatable), e.g. "
-                        "infra/rehearsal/overlay.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set finetune.schedule.epochs=2 (repeatable)")
+    add_pipeline_config_arguments(parser)
     selection = parser.add_mutually_exclusive_group()
     selection.add_argument("--stages", help="comma-separated stages to run, e.g. shard,finetune")
     selection.add_argument("--from", dest="start", metavar="STAGE", help="run this stage and the ones after it")

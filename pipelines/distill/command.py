@@ -13,7 +13,6 @@ registers the student.
 from __future__ import annotations
 
 import argparse
-import json
 
 from pipelines.training.command import add_config_arguments
 
@@ -30,21 +29,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.config import build_config
     from pipelines.distill.config import DistillConfig
     from pipelines.distill.run import run_distill
     from pipelines.session import connect_ray
-    from pipelines.training.command import stage_section
+    from pipelines.training.command import config_from_args, print_record
 
-    data = stage_section(args)
-    for key in ("out", "teacher"):
-        if getattr(args, key):
-            data[key] = getattr(args, key)
-    if args.shards:
-        data.setdefault("data", {})["shards"] = args.shards
-    config = build_config(DistillConfig, data, source=args.config or "<command line>")
+    config = config_from_args(args, DistillConfig, {"out": "out", "teacher": "teacher", "shards": "data.shards"})
     connect_ray(address=args.address)
-    output = run_distill(config)
-    print(json.dumps({"outputs": output.outputs, "metrics": output.metrics, "summary": output.summary},
-                     indent=1, default=str))
-    return 0
+    return print_record(run_distill(config))

@@ -11,7 +11,6 @@ Inside `vitpose run` this is the register stage; tune and distill never register
 from __future__ import annotations
 
 import argparse
-import json
 
 from pipelines.training.command import add_config_arguments
 
@@ -34,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.config import ConfigError, build_config
     from pipelines.register.config import RegisterConfig
     from pipelines.register.run import run_register
-    from pipelines.training.command import stage_section
+    from pipelines.training.command import print_record, stage_section
 
     data = stage_section(args)
     for item in args.checkpoints:
@@ -48,7 +47,4 @@ def run(args: argparse.Namespace) -> int:
         if value:
             data[key] = value
     data.setdefault("scoring", {}).setdefault("tracking", {})["enabled"] = False
-    output = run_register(build_config(RegisterConfig, data, source=args.config or "<command line>"))
-    print(json.dumps({"outputs": output.outputs, "metrics": output.metrics, "summary": output.summary},
-                     indent=1, default=str))
-    return 0
+    return print_record(run_register(build_config(RegisterConfig, data, source=args.config or "<command line>")))

@@ -39,13 +39,30 @@ def stage_section(args: argparse.Namespace) -> dict[str, Any]:
     return apply_overrides(data, args.overrides)
 
 
-def load_stage_config(cls: type, args: argparse.Namespace) -> Any:
+def config_from_args(args: argparse.Namespace, config_class: type, flags: dict[str, str]) -> Any:
+    """The stage's config from `--config`/`--section`/`--set`, each given flag (`flags`: argument name ->
+    dotted config key, e.g. {"shards": "data.shards"}) written over the file's value."""
     from pipelines.config import build_config
 
     section = stage_section(args)
-    if getattr(args, "shards", None):
-        section.setdefault("data", {})["shards"] = args.shards
-    return build_config(cls, section, source=args.config or "<command line>")
+    for flag, key in flags.items():
+        value = getattr(args, flag, None)
+        if value:
+            *parents, last = key.split(".")
+            node = section
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[last] = value
+    return build_config(config_class, section, source=args.config or "<command line>")
+
+
+def print_record(output: Any) -> int:
+    """A stage's record on stdout, as JSON (what `vitpose run` writes to stage.json)."""
+    import json
+
+    print(json.dumps({"outputs": output.outputs, "metrics": output.metrics, "summary": output.summary},
+                     indent=1, default=str))
+    return 0
 
 
 def summarise(result: Any) -> dict[str, Any]:
@@ -56,13 +73,8 @@ def summarise(result: Any) -> dict[str, Any]:
 
 def run_training_command(args: argparse.Namespace, config_class: type, run_function: Any) -> int:
     """Load the stage config, join or start Ray, train (resuming a run of the same name), print the record."""
-    import json
-
     from pipelines.session import connect_ray
 
-    config = load_stage_config(config_class, args)
+    config = config_from_args(args, config_class, {"shards": "data.shards"})
     connect_ray(address=args.address)
-    output = run_function(config, name=args.name)
-    print(json.dumps({"outputs": output.outputs, "metrics": output.metrics, "summary": output.summary},
-                     indent=1, default=str))
-    return 0
+    return print_record(run_function(config, name=args.name))

@@ -11,7 +11,6 @@ starts the sweep again. Prints the winner (trial, params, val AP); `vitpose regi
 from __future__ import annotations
 
 import argparse
-import json
 
 from pipelines.training.command import add_config_arguments
 
@@ -28,19 +27,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.config import build_config
     from pipelines.session import connect_ray
-    from pipelines.training.command import stage_section
+    from pipelines.training.command import config_from_args, print_record
     from pipelines.tune.config import TuneConfig
     from pipelines.tune.run import run_tune
 
-    section = stage_section(args)
-    for key in ("shards", "out"):
-        if getattr(args, key):
-            section[key] = getattr(args, key)
-    config = build_config(TuneConfig, section, source=args.config or "<command line>")
+    config = config_from_args(args, TuneConfig, {"shards": "shards", "out": "out"})
     connect_ray(address=args.address)
-    output = run_tune(config, force=args.force)
-    print(json.dumps({"outputs": output.outputs, "metrics": output.metrics, "summary": output.summary},
-                     indent=1, default=str))
-    return 0
+    return print_record(run_tune(config, force=args.force))
