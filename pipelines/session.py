@@ -40,7 +40,10 @@ def connect_ray(*, address: str | None = None, num_cpus: int | None = None, incl
         kwargs: dict[str, Any] = {"address": address, "log_to_driver": True}
     else:
         os.environ.setdefault("RAY_AUTH_MODE", auth_mode or "disabled")
-        kwargs = {"num_cpus": num_cpus, "include_dashboard": include_dashboard, "log_to_driver": log_to_driver}
+        # address="local": a new private cluster, never one that a `ray start` on this machine left recorded
+        # in /tmp/ray/ray_current_cluster (ray.init() alone would attach to it, and refuse num_cpus)
+        kwargs = {"address": "local", "num_cpus": num_cpus, "include_dashboard": include_dashboard,
+                  "log_to_driver": log_to_driver}
     # Ray Data's per-operator bars redraw with carriage returns (a flood in job logs); the pipeline draws its
     # own per-stage bars. The executors run in worker processes (Train's SplitCoordinator, Tune trials):
     # a private cluster's workers inherit this process's environment, a joined cluster's get it only
