@@ -62,7 +62,10 @@ S3_REGION = "us-east-1"
 # Ray's memory monitor also off: it compares the whole machine's memory with its threshold, so on a box
 # shared with other work it killed the rehearsal's job supervisor and workers for memory others used
 # (the kernel's OOM killer still guards the machine)
-NODE_SLOW_BOX_ENV = {"RAY_agent_register_timeout_ms": "600000", "RAY_memory_monitor_refresh_ms": "0"}
+# Ray Train's 60 s for a worker group to start was too short after a node loss on the loaded box (two new
+# worker processes importing torch): the restart timed out and was retried again and again
+NODE_SLOW_BOX_ENV = {"RAY_agent_register_timeout_ms": "600000", "RAY_memory_monitor_refresh_ms": "0",
+                     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}
 WORKER_PORTS_PER_NODE = 64  # --min/--max-worker-port range: one port per worker process of the node
 JOB_AGENT_NOT_READY = ("Connection aborted", "Failed to get head node agent", "No available agent to submit job")
 
