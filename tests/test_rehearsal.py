@@ -37,6 +37,10 @@ from infra.rehearsal.overlay import CLUSTER_CONFIGS, REPO, config_name, run_comm
 from pipelines.config import load_yaml
 
 pytest_plugins = ["rehearsal_fixtures"]
+# slow for now: the ViTPose-B config has not yet passed through this test (its hand-run submission did,
+# 14m08 + 12m50 at load ~33), and the module took ~45 min on the shared box; the overlay itself is checked
+# in CI by tests/test_rehearsal_overlay.py and the cluster parts by tests/test_rehearsal_infra.py
+pytestmark = pytest.mark.slow
 
 STAGES = ("shard", "pretrain", "finetune", "tune", "distill", "register", "serve")
 CACHEABLE = STAGES[:-1]  # serve writes no record: it runs every time
