@@ -45,7 +45,8 @@ def collect(batches) -> dict[str, torch.Tensor]:
 def test_batches_have_the_documented_shapes_at_any_resolution(shards, input_size):
     out, _, manifest = shards
     w, h = input_size
-    batch = next(iter_pose_batches(out, StreamConfig(input_size=input_size), batch_size=8, split="train"))
+    batch = next(iter_pose_batches(out, StreamConfig(input_size=input_size, keypoints="coco"), batch_size=8,
+                                      split="train"))
     assert batch["image"].shape == (8, 3, h, w) and batch["image"].dtype == torch.float32
     assert batch["target"].shape == (8, 17, h // 4, w // 4)
     assert batch["target_weight"].shape == (8, 17) and batch["keypoints"].shape == (8, 17, 3)
@@ -74,7 +75,7 @@ def test_without_augmentation_decoded_targets_map_back_to_the_annotations(shards
 
 def test_augmented_keypoints_still_map_back_exactly(shards):
     out, originals, _ = shards
-    config = StreamConfig(input_size=(192, 256), flip_prob=0.5, rotation_prob=1.0, half_body_prob=0.3)
+    config = StreamConfig(input_size=(192, 256), flip_prob=0.5, rotation_prob=1.0, half_body_prob=0.3, keypoints="coco")
     batch = collect(iter_pose_batches(out, config, batch_size=16, split="train", seed=7))
     flips = 0
     for i, ann_id in enumerate(batch["ann_id"].tolist()):
@@ -92,7 +93,7 @@ def test_augmented_keypoints_still_map_back_exactly(shards):
 
 def test_stream_is_seeded_by_seed_epoch_and_rank(shards):
     out, _, _ = shards
-    config = StreamConfig(input_size=(96, 128))
+    config = StreamConfig(input_size=(96, 128), keypoints="coco")  # the train split mixes COCO and AIC rows
     first = lambda **kw: next(iter_pose_batches(out, config, batch_size=4, split="train", **kw))  # noqa: E731
     a, b = first(seed=1, epoch=0), first(seed=1, epoch=0)
     assert torch.equal(a["image"], b["image"]) and torch.equal(a["ann_id"], b["ann_id"])
@@ -132,7 +133,7 @@ def test_inside_a_ray_train_worker(shards, tmp_path):
 
     out, _, _ = shards
     train = read_shards(out, split="train")
-    config = StreamConfig(input_size=(96, 128))
+    config = StreamConfig(input_size=(96, 128), keypoints="coco")  # the train split mixes COCO and AIC rows
     record = tmp_path / "rows.json"  # absolute: Train workers chdir elsewhere
 
     def train_loop_per_worker() -> None:
