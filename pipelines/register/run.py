@@ -53,10 +53,6 @@ def val_ap_scorer(scoring: FinetuneConfig) -> ScoreFn:
     return score
 
 
-def _local_checkpoint(uri: str) -> Path:
-    return registry.resolve_model_source(uri) if not storage.is_s3(uri) else storage.local_dir(uri)
-
-
 def run_register(config: RegisterConfig, run_id: str | None = None) -> StageOutput:
     """Score the candidates and the champion, register the best candidate, move the alias if it wins.
 
@@ -79,7 +75,7 @@ def run_register(config: RegisterConfig, run_id: str | None = None) -> StageOutp
     score = val_ap_scorer(config.scoring)
     scores = {}
     for name, checkpoint in config.checkpoints.items():
-        scores[name] = score(_local_checkpoint(checkpoint))
+        scores[name] = score(registry.resolve_model_source(checkpoint))
         logger.info("register: %s val AP %.4f (%s)", name, scores[name], checkpoint)
     winner = max(scores, key=lambda name: scores[name])
 
@@ -88,7 +84,7 @@ def run_register(config: RegisterConfig, run_id: str | None = None) -> StageOutp
     if holder is not None:
         with tempfile.TemporaryDirectory() as tmp:
             holder_ap = score(registry.resolve_model_source(f"models:/{config.model_name}/{holder}", tracking_uri, tmp))
-    model_uri = registry.log_checkpoint_model(_local_checkpoint(config.checkpoints[winner]), run_id=run_id,
+    model_uri = registry.log_checkpoint_model(registry.resolve_model_source(config.checkpoints[winner]), run_id=run_id,
                                               tracking_uri=tracking_uri,
                                               metadata={"stage": winner, "val_AP": scores[winner]})
     version = registry.register(model_uri, config.model_name, tracking_uri=tracking_uri)
@@ -127,8 +123,7 @@ def _pictures(config: RegisterConfig, client: Any, run_id: str, champion: str, t
 
     written = {}
     with tempfile.TemporaryDirectory() as tmp:
-        local = registry.resolve_model_source(champion, tracking_uri, Path(tmp) / "champion") \
-            if not storage.is_s3(champion) else storage.local_dir(champion)
+        local = registry.resolve_model_source(champion, tracking_uri, Path(tmp) / "champion")
         pngs = {"champion_predictions": predictions_on_val(local, config.scoring.data.shards,
                                                            Path(tmp) / "champion_predictions.png")}
         if config.curves:
