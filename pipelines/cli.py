@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vitpose {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM/SIGHUP once Ray is up (pipelines.session)
-        reason = str(interrupt) or "interrupted"
+        from pipelines import session
+
+        reason = f"stopped by signal {session.STOPPED_BY}" if session.STOPPED_BY else str(interrupt) or "interrupted"
         print(f"vitpose {args.command}: {reason}; run the same command again to resume", file=sys.stderr)
         return 130
 

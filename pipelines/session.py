@@ -78,6 +78,11 @@ def quiet_workers_env() -> dict[str, str]:
     return {key: value for key, value in QUIET_WORKER_ENV.items() if key not in job_env}
 
 
+# the signal that stopped this process, kept because Ray Train and Tune re-raise a bare KeyboardInterrupt
+# (the message naming the signal is lost on the way up to the CLI)
+STOPPED_BY: str | None = None
+
+
 def stop_on_signals() -> None:
     """SIGTERM and SIGHUP interrupt the driver as Ctrl-C does, so its `finally` blocks run: the stage's MLflow
     run ends KILLED, no record is written (the rerun resumes from checkpoints), and `disconnect_ray` stops
@@ -86,7 +91,9 @@ def stop_on_signals() -> None:
     import threading
 
     def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
+        global STOPPED_BY
+        STOPPED_BY = signal.Signals(signum).name
+        raise KeyboardInterrupt(f"stopped by signal {STOPPED_BY}")
 
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGHUP):
