@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from paths import REPO_ROOT
 from PIL import Image
 
 from pipelines.config import ConfigError
@@ -17,7 +17,7 @@ from pipelines.serve.detector import WholeImageDetector, boxes_from_detections, 
 from pipelines.serve.inputs import RequestError, decode_image, validate_boxes
 from pipelines.serve.model import count_crops, select_dtype
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = REPO_ROOT
 
 
 def test_shipped_serve_configs_load():

@@ -4,7 +4,7 @@ The schemas come from KubeRay's CRDs (`ray-operator/config/crd/bases/ray.io_{ray
 rayservices}.yaml` at tag v1.6.0, the first release whose `authOptions` has `secretName`, i.e. the
 first one whose operator sends a token from our Secret to a token-protected dashboard). The CRD files
 are ~1.3 MB each, almost all of it the Kubernetes PodTemplateSpec repeated in every pod template; the
-stored copy (kuberay_crd_v1.6.0.json, regenerated with `python tests/kuberay_schema.py <crd dir>`) keeps
+stored copy (kuberay_crd_v1.6.0.json, regenerated with `python tests/support/kuberay_schema.py <crd dir>`) keeps
 every Ray-specific field with its types and enums and drops descriptions, `status`, CEL rules and the
 pod templates. Two changes make the validation stricter than the API server, on purpose:
 - every object with declared properties rejects unknown keys (the API server prunes them silently, so a
@@ -127,5 +127,5 @@ def _regenerate(crd_dir: Path) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python tests/kuberay_schema.py <kuberay checkout>/ray-operator/config/crd/bases")
+        sys.exit("usage: python tests/support/kuberay_schema.py <kuberay checkout>/ray-operator/config/crd/bases")
     _regenerate(Path(sys.argv[1]))

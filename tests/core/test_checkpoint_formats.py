@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from paths import SHARED_ROOT
 
 from vitpose_core import CheckpointError, build_model, load_model, save_checkpoint
 from vitpose_core.checkpoint import read_checkpoint_keypoint_sets
@@ -16,7 +17,7 @@ from vitpose_core.interop import save_hf_directory
 from vitpose_core.keypoints import AIC, AP10K, KeypointSet, keypoint_set_from_category
 from vitpose_core.models import split_dataset_model
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+REFERENCE = SHARED_ROOT / "reference"
 X = torch.randn(2, 3, 256, 192, generator=torch.Generator().manual_seed(3))
 
 

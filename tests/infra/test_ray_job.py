@@ -21,8 +21,9 @@ import time
 from pathlib import Path
 
 import pytest
+from paths import REPO_ROOT
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = REPO_ROOT
 BIN = Path(sys.executable).parent
 HEAD_START_ATTEMPTS = 2
 HEAD_READY_TIMEOUT_S = 240

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import pytest
 import torch
+from paths import SHARED_ROOT
 
 from vitpose_core import CheckpointError, build_model, load_checkpoint, load_model, save_checkpoint
 from vitpose_core.checkpoint import infer_official_config, load_state_dict_into
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+REFERENCE = SHARED_ROOT / "reference"
 KEY_LISTS = {
     "vitpose_s_official_keys.tsv": ("vitpose-s", "classic"),
     "vitpose_s_simple_official_keys.tsv": ("vitpose-s", "simple"),

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from paths import REPO_ROOT
 
 from vitpose_core import build_model, count_parameters
 from vitpose_core.models import VARIANTS, ViTPoseConfig
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Parameter counts of the official models with the classic decoder (ViTPose paper / model zoo).
 OFFICIAL_PARAMS_M = {"vitpose-s": 24.29, "vitpose-b": 89.99, "vitpose-l": 308.54, "vitpose-h": 637.21}

@@ -1,5 +1,5 @@
 """Cluster rehearsal: every shipped cluster config, submitted as a platform team submits it, on a multi-node Ray
-cluster whose only shared storage is S3 (tests/rehearsal_fixtures.py: PostgreSQL, moto S3, `mlflow server`,
+cluster whose only shared storage is S3 (tests/support/rehearsal_fixtures.py: PostgreSQL, moto S3, `mlflow server`,
 Ray head + 2 worker nodes carrying the stand-in `gpu_node` resource).
 
     ray job submit --working-dir . -- vitpose run --config <cluster config> --overlay infra/rehearsal/overlay.yaml \
@@ -39,7 +39,7 @@ from pipelines.config import load_yaml
 pytest_plugins = ["rehearsal_fixtures"]
 # slow for now: the ViTPose-B config has not yet passed through this test (its hand-run submission did,
 # 14m08 + 12m50 at load ~33), and the module took ~45 min on the shared box; the overlay itself is checked
-# in CI by tests/test_rehearsal_overlay.py and the cluster parts by tests/test_rehearsal_infra.py
+# in CI by tests/infra/test_rehearsal_overlay.py and the cluster parts by tests/infra/test_rehearsal_infra.py
 pytestmark = pytest.mark.slow
 
 STAGES = ("shard", "pretrain", "finetune", "tune", "distill", "register", "serve")

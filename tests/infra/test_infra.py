@@ -4,7 +4,7 @@ Each file is parsed, then validated with the strongest checker that installs her
 - ray_cluster.yaml: Ray's own cluster-launcher JSON schema (`ray/autoscaler/ray-schema.json`), after
   filling defaults exactly as `ray up` does (`prepare_config` + `validate_config`);
 - KubeRay manifests: KubeRay 1.6.0's own CRD schemas, made strict about unknown keys
-  (tests/kuberay_schema.py), the RayService's serveConfigV2 with Ray Serve's `ServeDeploySchema`, and
+  (tests/support/kuberay_schema.py), the RayService's serveConfigV2 with Ray Serve's `ServeDeploySchema`, and
   its app `args` with the project's strict `ServeConfig`;
 - the Dockerfile: base image and Ray version against the installed Ray, COPY sources exist;
 - across files: one Ray version, one image, token auth set everywhere, entrypoints name real configs.
@@ -23,8 +23,9 @@ import pytest
 import ray
 import yaml
 from kuberay_schema import KUBERAY_VERSION, SCHEMAS
+from paths import REPO_ROOT
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = REPO_ROOT
 KUBERAY = REPO / "infra" / "kuberay"
 IMAGE_WORKDIR = "/home/ray/vitpose"  # WORKDIR of infra/docker/Dockerfile, where the project lives in the image
 MANIFESTS = {"raycluster.yaml": "RayCluster", "rayjob.yaml": "RayJob", "rayservice.yaml": "RayService"}

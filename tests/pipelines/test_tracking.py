@@ -5,7 +5,7 @@ same code (``Tracker.start``, ``MlflowClient.create_run`` with the pipeline's ta
 itself, so no ``finally`` and no atexit hook runs, exactly as a killed driver or Train worker leaves
 them. The takeover is exercised at the tracking-helper level (``Tracker.start`` as rank 0 calls it,
 ``supersede_pipeline_attempts`` as ``run_pipeline`` calls it); a full SIGKILLed ``vitpose run`` is the
-slow test in tests/test_pipeline.py.
+slow test in tests/pipelines/test_pipeline.py.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
+from paths import REPO_ROOT
 
 from pipelines.tracking import (
     PREVIOUS_PARENT,
@@ -30,7 +30,7 @@ from pipelines.tracking import (
     supersede_pipeline_attempts,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = REPO_ROOT
 
 
 def _die_after(code: str, **values) -> dict:
@@ -54,6 +54,7 @@ def store(tmp_path):
 
 DEAD_TRAIN_ATTEMPT = """
 from pipelines.tracking import Tracker
+from paths import REPO_ROOT
 tracker = Tracker(values["settings"], active=True)
 run_id = tracker.start(None, run_name="finetune-abc", output=values["output"])
 tracker.log_metrics({"train_loss": 1.0}, step=1)

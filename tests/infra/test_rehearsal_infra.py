@@ -20,15 +20,16 @@ import boto3
 import psycopg
 import pytest
 from mlflow.tracking import MlflowClient
+from paths import REPO_ROOT
 
 from infra.rehearsal.cluster import RehearsalState, marked_processes
 
 pytest_plugins = ["rehearsal_fixtures"]
 # slow for this submission: on the shared box the head's dashboard failed to start in time once (load from
-# other runs); it passed 4 times before. Run with `pytest -m slow tests/test_rehearsal_infra.py`.
+# other runs); it passed 4 times before. Run with `pytest -m slow tests/infra/test_rehearsal_infra.py`.
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = REPO_ROOT
 RESULT_MARK = "PROBE_RESULT "
 
 # The job a platform engineer would submit: it imports a helper module from its working dir, calls
@@ -39,6 +40,7 @@ import json, os, sys
 import boto3, mlflow, ray
 from mlflow.tracking import MlflowClient
 import probe_helpers
+from paths import REPO_ROOT
 
 ray.init()
 cwd = os.getcwd()  # raises FileNotFoundError if ray.init() removed the job's working dir

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pytest
 from conftest import make_synthetic_shards
+from paths import REPO_ROOT
 
 from pipelines.config import ConfigError, build_config, load_yaml
 from pipelines.tune.config import TuneConfig, trial_finetune_config, trial_overrides
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = REPO_ROOT
 CONFIGS = REPO / "pipelines" / "configs"
 
 

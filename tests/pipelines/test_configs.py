@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
+from paths import REPO_ROOT
 
 from pipelines.config import ConfigError, build_config, load_config, load_yaml
 from pipelines.distill.config import DistillConfig
@@ -20,7 +21,7 @@ from pipelines.finetune.config import FinetuneConfig
 from pipelines.pretrain.config import PretrainConfig
 from pipelines.tune.config import TuneConfig
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "pipelines" / "configs"
+CONFIG_DIR = REPO_ROOT / "pipelines" / "configs"
 # every shipped YAML is one stage's section (the same shape as under `<stage>:` of a pipeline file) or a
 # pipeline file; the test below fails for a file in neither table, so no shipped config goes unchecked
 STAGE_FILES = {"finetune_tiny.yaml": "finetune", "finetune_vitpose_b_8gpu.yaml": "finetune",

@@ -15,8 +15,9 @@ import ast
 from pathlib import Path
 
 import pytest
+from paths import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 PACKAGE = ROOT / "pipelines"
 STAGES = ("shard", "pretrain", "finetune", "tune", "distill", "register", "serve")
 
@@ -123,3 +124,20 @@ def test_every_stage_is_one_package_with_config_run_spec_and_command(stage):
     spec = TREES[f"pipelines.{stage}.spec"]
     assert any(isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "SPEC" for t in node.targets)
                for node in spec.body), f"pipelines/{stage}/spec.py defines no SPEC"
+
+
+# tests/<dir> -> the source folder its tests cover; tests/support holds helpers and fixtures, no tests
+TEST_FOLDERS = {"core": "vitpose_core", "pipelines": "pipelines", "infra": "infra"}
+
+
+def test_test_folders_mirror_the_packages():
+    """A test module lives in the folder of what it tests: tests/core for vitpose_core, tests/pipelines/<stage>
+    for a stage package, tests/infra for infra/. A folder with no source counterpart fails here."""
+    tests = ROOT / "tests"
+    assert not list(tests.glob("test_*.py")), "test modules at the top of tests/: move them into their folder"
+    assert not list((tests / "support").rglob("test_*.py")), "tests/support is for helpers, not tests"
+    for module in tests.rglob("test_*.py"):
+        top, *rest = module.relative_to(tests).parent.parts
+        assert top in TEST_FOLDERS, f"{module}: tests/{top} mirrors no package ({sorted(TEST_FOLDERS)})"
+        source = ROOT / TEST_FOLDERS[top] / Path(*rest)
+        assert source.is_dir(), f"{module}: {source.relative_to(ROOT)} does not exist"

@@ -25,12 +25,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from paths import REPO_ROOT
 
 from pipelines.cli import main, user_error_message
 from pipelines.config import ConfigError, load_yaml, parse_override
 from vitpose_core.errors import InvalidInputError, StorageError, UserError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = REPO_ROOT
 
 
 def run_cli(capsys, *argv) -> tuple[int, str]:

@@ -8,13 +8,13 @@ used to get), and a deliberately inconsistent config fails naming the stage and 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+from paths import REPO_ROOT
 
 from pipelines.cli import main
 
-CONFIGS = Path(__file__).resolve().parents[1] / "pipelines" / "configs"
+CONFIGS = REPO_ROOT / "pipelines" / "configs"
 PIPELINE_FILES = ("local.yaml", "cocoaic_vitpose_b_8gpu.yaml", "vitpose_h_fsdp.yaml")
 
 

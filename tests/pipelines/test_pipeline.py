@@ -19,13 +19,14 @@ import time
 from pathlib import Path
 
 import pytest
+from paths import REPO_ROOT
 
 from pipelines.config import ConfigError
 from pipelines.contract import read_record
 from pipelines.pipeline import STAGES, load_pipeline_config, run_pipeline, select_stages
 from pipelines.progress import Reporter
 
-CONFIGS_DIR = Path(__file__).resolve().parents[1] / "pipelines" / "configs"
+CONFIGS_DIR = REPO_ROOT / "pipelines" / "configs"
 PIPELINE_CONFIGS = [CONFIGS_DIR / name for name in ("local.yaml", "cocoaic_vitpose_b_8gpu.yaml", "vitpose_h_fsdp.yaml")]
 TINY = ["shard.synthetic.train_images=8", "shard.synthetic.val_images=3", "shard.synthetic.max_people=2"]
 # every training stage at a few steps of batch 8 on ~16 train images (1 CPU for the Train worker)
@@ -83,7 +84,7 @@ def test_shard_stage_runs_records_and_is_skipped_on_rerun(ray_local, tmp_path: P
     assert children[0].data.metrics["rows_out"] == record["metrics"]["rows_out"]
     assert all(r.info.status == "FINISHED" for r in runs)
 
-    # runs as a SIGKILLed attempt on this workdir leaves them (tests/test_tracking.py kills a real process)
+    # runs as a SIGKILLed attempt on this workdir leaves them (tests/pipelines/test_tracking.py kills a real process)
     experiment_id = parents[0].info.experiment_id
     dead_parent = client.create_run(experiment_id, run_name="pipeline-local", tags={
         "vitpose.pipeline": "local", "vitpose.workdir": str(tmp_path / "runs")}).info.run_id
