@@ -9,7 +9,7 @@ they compute; the loss lives in a small ``Task`` object:
 
 Batches are plain mappings of tensors (``image`` (B, 3, H, W) normalised, ``target`` (B, K, h, w),
 ``target_weight`` (B, K), ...), so the engine runs over a list in a unit test, a torch DataLoader
-or a Ray Data shard alike. Parallelism (DDP/FSDP) is applied to the model from outside; the engine
+or a Ray Data shard alike. Parallelism (DDP/FSDP2) is applied to the model from outside; the engine
 only calls ``model(...)``, ``backward`` and the optimiser. Nothing here imports Ray or MLflow.
 """
 
@@ -28,11 +28,11 @@ from torch import nn
 
 from vitpose_core.codec import UDPHeatmapCodec, keypoint_mse_loss
 from vitpose_core.evaluation import PersonPrediction, evaluate_keypoints, rescore_and_nms
-from vitpose_core.inference import decode_to_image, run_model
+from vitpose_core.inference import decode_to_image, resolve_precision, run_model
 from vitpose_core.keypoints import KeypointSet
 
 Batch = Mapping[str, Any]
-Precision = Literal["bf16", "fp32"]
+Precision = Literal["auto", "bf16", "fp32"]
 
 
 class Task(Protocol):
@@ -68,11 +68,19 @@ class PretrainTask:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """How steps run: device, autocast precision and gradient clipping (None = no clipping)."""
+    """How steps run: device, autocast precision and gradient clipping (None = no clipping).
+
+    ``precision="auto"`` is bf16 where the device computes it natively, else fp32 (``resolved_precision``):
+    bf16 autocast on a CPU without AVX512-BF16/AMX is emulated and many times slower than fp32.
+    """
 
     device: str = "cpu"
-    precision: Precision = "bf16"
+    precision: Precision = "auto"
     max_grad_norm: float | None = 1.0
+
+    @property
+    def resolved_precision(self) -> str:
+        return resolve_precision(self.precision, self.device)
 
 
 @dataclass(frozen=True)
@@ -105,7 +113,7 @@ class EpochResult:
 
 def autocast(config: EngineConfig) -> contextlib.AbstractContextManager:
     """bf16 autocast on CPU or CUDA (no GradScaler needed: bf16 has fp32's exponent range)."""
-    if config.precision == "fp32":
+    if config.resolved_precision == "fp32":
         return contextlib.nullcontext()
     device_type = torch.device(config.device).type
     return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
@@ -124,10 +132,14 @@ def clip_gradients(model: nn.Module, max_grad_norm: float | None) -> torch.Tenso
     """Clip the global gradient norm; returns the norm before clipping (inf if not clipped)."""
     if max_grad_norm is None:
         return torch.tensor(float("inf"))
-    # FSDP1 shards gradients and must compute the global norm itself
-    if hasattr(model, "clip_grad_norm_"):
-        return model.clip_grad_norm_(max_grad_norm)
-    return nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    parameters = [p for p in model.parameters() if p.grad is not None]
+    norm = nn.utils.get_total_norm([p.grad for p in parameters])
+    # FSDP2's gradients are DTensor shards: their norm is a partial one, and full_tensor() all-reduces it
+    # into the global norm every rank clips with (as torchtitan does)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    nn.utils.clip_grads_with_norm_(parameters, max_grad_norm, norm)
+    return norm
 
 
 def train_step(
@@ -226,7 +238,7 @@ def predict_keypoints(
     and serving decode. Fields named in ``passthrough`` are copied to the output, so an evaluator can match
     predictions to annotations; ``input_area`` (B,) is the input crop's area in image pixels (what OKS-NMS uses).
     """
-    dtype = torch.bfloat16 if config.precision == "bf16" else None
+    dtype = torch.bfloat16 if config.resolved_precision == "bf16" else None
     model.eval()  # train_step switches back to train mode
     for batch in batches:
         heatmaps = run_model(model, batch["image"], flip_test=flip_index is not None, flip_index=flip_index,

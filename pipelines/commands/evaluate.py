@@ -32,8 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--checkpoint", type=Path, help="model checkpoint (own format dir or official .pth)")
     parser.add_argument("--images", type=Path, help="image directory (with --checkpoint)")
     parser.add_argument("--shards", help="shard stage output (with --checkpoint): score on its val split")
-    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
-                        help="with --shards: autocast precision, as the training run's scaling.precision (bf16)")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="with --shards: autocast precision, as the training run's scaling.precision (auto: "
+                             "bf16 where native, else fp32)")
     parser.add_argument("--detections", type=Path, help="COCO detection results json; default: ground-truth boxes")
     parser.add_argument("--det-score-thr", type=float, default=0.0, help="drop detections scoring below (0.0)")
     parser.add_argument("--flip-test", action=argparse.BooleanOptionalAction, default=None,

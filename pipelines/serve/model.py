@@ -61,19 +61,15 @@ def count_crops(chunks: list[CropChunk]) -> int:
 
 
 def select_dtype(requested: str, device_type: str) -> str:
-    """"auto" -> "bf16" on CUDA and on CPUs that compute bf16 natively (AMX or AVX512-BF16), else "fp32".
+    """"auto" -> "bf16" where it is native (vitpose_core.inference.resolve_precision), else "fp32".
 
     bf16 serving casts the weights once (no per-call autocast casts): 2.5x the fp32 throughput of
-    vitpose-tiny on this AVX512-BF16 CPU. Autocast, by contrast, re-casts every weight per call and
-    was slower than fp32 for the tiny model here.
+    vitpose-tiny on an AVX512-BF16 CPU. Autocast, by contrast, re-casts every weight per call and
+    was slower than fp32 for the tiny model there.
     """
-    if requested != "auto":
-        return requested
-    if device_type == "cuda":
-        return "bf16"
-    from vitpose_core.inference import cpu_has_native_bf16
+    from vitpose_core.inference import resolve_precision
 
-    return "bf16" if cpu_has_native_bf16() else "fp32"
+    return resolve_precision(requested, device_type)
 
 
 @dataclass(frozen=True)

@@ -115,15 +115,34 @@ class ScheduleSection(StrictConfig):
         return self
 
 
+class FSDPSection(StrictConfig):
+    """FSDP2 (``torch.distributed.fsdp.fully_shard``) options, read only when ``scaling.strategy`` is fsdp.
+
+    Mixed precision is ``scaling.precision``'s (bf16: bf16 compute copies of the parameters, fp32 gradient
+    reduction, fp32 sharded weights for the optimiser), not a key here.
+    """
+
+    reshard_after_forward: bool = Field(
+        True, description="true: free each transformer block's gathered parameters after its forward and gather "
+                          "them again for its backward (least memory); false: keep them until the backward "
+                          "(one all-gather less per block, more memory)")
+    cpu_offload: bool = Field(
+        False, description="keep the sharded parameters, gradients and optimiser state in CPU memory and step the "
+                           "optimiser on the CPU (GPU runs only: less GPU memory, host-device copies every step)")
+
+
 class ScalingSection(StrictConfig):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(0.5, gt=0)
     gpus_per_worker: float = Field(1.0, gt=0)
     strategy: Literal["ddp", "fsdp"] = Field(
-        "ddp", description="ddp: replicated model; fsdp: parameters, gradients and optimiser state sharded per "
-                           "transformer block (ViTPose-H/G on GPUs; also runs on CPU over gloo)")
-    precision: Literal["bf16", "fp32"] = "bf16"
+        "ddp", description="ddp: replicated model; fsdp: FSDP2, parameters, gradients and optimiser state sharded "
+                           "per transformer block (ViTPose-H/G on GPUs; also runs on CPU over gloo)")
+    fsdp: FSDPSection = FSDPSection()
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 where the device computes it natively (CUDA; CPUs with AVX512-BF16 or AMX), "
+                            "else fp32 (emulated bf16 on an AVX2 CPU was 22x slower than fp32)")
     placement_strategy: Literal["PACK", "SPREAD"] = Field(
         "PACK", description="how the workers' bundles are placed: PACK fills a node first; SPREAD puts them on "
                             "different nodes where it can (soft: after a node is lost, the rest may share one)")
@@ -131,21 +150,14 @@ class ScalingSection(StrictConfig):
         {}, description="custom Ray resources each worker also reserves, to pin workers to a node type "
                         "(e.g. {gpu_node: 0.01} where ray_cluster.yaml gives GPU nodes `gpu_node: 1`)")
 
-    def fsdp_kwargs(self) -> dict[str, Any]:
-        """FSDP: shard per transformer block, bf16 params, original parameters kept for layer decay."""
-        import functools
-
-        import torch
-        from torch.distributed.fsdp import MixedPrecision
-        from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
-
-        from vitpose_core.models.vit import Block
-
-        mixed = (MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, buffer_dtype=torch.float32)
-                 if self.precision == "bf16" else None)
-        # use_orig_params keeps the per-parameter names and shapes that layer-wise lr decay groups by
-        return {"auto_wrap_policy": functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={Block}),
-                "mixed_precision": mixed, "use_orig_params": True}
+    @model_validator(mode="after")
+    def _cpu_offload_needs_gpus(self) -> ScalingSection:
+        # scaling.fsdp is read only under strategy fsdp: a section that derives from an FSDP one and switches
+        # to ddp (distill's student in vitpose_h_fsdp.yaml) inherits its options without using them
+        if self.strategy == "fsdp" and self.fsdp.cpu_offload and not self.use_gpu:
+            raise ValueError("scaling.fsdp.cpu_offload needs scaling.use_gpu=true: without GPUs the parameters "
+                             "already live in CPU memory")
+        return self
 
 
 class CheckpointSection(StrictConfig):

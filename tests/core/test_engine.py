@@ -97,3 +97,20 @@ def test_predict_keypoints_maps_to_image_and_flip_test_is_symmetric():
     # flip test on the mirrored crop = mirrored flip test on the crop (x -> w - 1 - x, left/right swapped)
     expected_x = 100 + (IMG[1] - 1) - (out_fp32["keypoints"][:, COCO.flip_index, 0] - 100)
     np.testing.assert_allclose(out_mirrored["keypoints"][..., 0], expected_x, atol=1e-3)
+
+
+def test_auto_precision_is_bf16_only_where_native() -> None:
+    """"auto" trains and evaluates in bf16 only where the device computes it natively: emulated bf16 on an
+    AVX2-only CPU made a vitpose-tiny step 22x slower than fp32. Explicit choices are kept as asked."""
+    from vitpose_core.inference import cpu_has_native_bf16, resolve_precision
+
+    expected_cpu = "bf16" if cpu_has_native_bf16() else "fp32"
+    assert resolve_precision("auto", "cpu") == expected_cpu
+    assert EngineConfig().resolved_precision == expected_cpu
+    assert resolve_precision("bf16", "cpu") == "bf16" and resolve_precision("fp32", "cuda") == "fp32"
+    if not torch.cuda.is_available():
+        assert resolve_precision("auto", "cuda") == "fp32"
+    # the config's default is "auto" too, so a laptop/CI CPU config does not train in emulated bf16
+    from pipelines.training.sections import ScalingSection
+
+    assert ScalingSection().precision == "auto"
