@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "plan": "pipelines.commands.plan",
     "synth": "pipelines.commands.synth",
     "predict": "pipelines.commands.predict",
+    "infer": "pipelines.commands.infer",
     "eval": "pipelines.commands.evaluate",
     "export": "pipelines.commands.export",
 }

@@ -158,3 +158,48 @@ class StageProgress:
 def _latest_step(client: Any, run: Any) -> int:
     history = client.get_metric_history(run.info.run_id, "train_loss")
     return max((point.step for point in history), default=0)
+
+
+class CountProgress:
+    """Progress over a known number of items (images, frames) that a driver loop counts off.
+
+    On a terminal a tqdm bar on stderr; otherwise (logs, `ray job logs`, CI) one line every
+    `line_every_s` seconds and one at the end, so a log file does not fill with carriage-return redraws.
+    """
+
+    def __init__(self, total: int, label: str, unit: str = "image", stream: TextIO | None = None,
+                 line_every_s: float = 15.0) -> None:
+        self.total, self.label, self.unit = total, label, unit
+        self.stream = stream or sys.stderr
+        self.line_every_s = line_every_s
+        self.done = 0
+        self.started = self._last_line = time.time()
+        self._bar: Any = None
+        if self.stream.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=f"      {label}", unit=unit, file=self.stream, leave=False,
+                             dynamic_ncols=True)
+
+    def update(self, count: int, note: str = "") -> None:
+        self.done += count
+        if self._bar is not None:
+            self._bar.update(count)
+            if note:
+                self._bar.set_postfix_str(note)
+        elif time.time() - self._last_line >= self.line_every_s:
+            self._last_line = time.time()
+            self._line(note)
+
+    def _line(self, note: str = "") -> None:
+        elapsed = max(time.time() - self.started, 1e-9)
+        percent = 100 * self.done / max(self.total, 1)
+        extra = f", {note}" if note else ""
+        print(f"      {self.label}: {self.done}/{self.total} {self.unit}s ({percent:.0f}%), "
+              f"{self.done / elapsed:.2f} {self.unit}s/s{extra}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        elif self.done:
+            self._line()

@@ -191,6 +191,38 @@ def list_files(uri: str | Path, suffix: str = "", recursive: bool = False) -> li
     return [join(base, name) for name in names]
 
 
+def list_file_infos(uri: str | Path, recursive: bool = False) -> list[tuple[str, int, int]]:
+    """Sorted (URI, size in bytes, mtime in ns) of the files under directory `uri` ([] if it is not a directory):
+    what tells a changed file from an unchanged one without reading it."""
+    base = normalize(uri)
+    fs, path = filesystem_and_path(base)
+    with _s3_errors(base):
+        if fs.get_file_info(path).type != pafs.FileType.Directory:
+            return []
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive))
+    found = [(join(base, posixpath.relpath(i.path, path)), int(i.size or 0), int(i.mtime_ns or 0))
+             for i in infos if i.type == pafs.FileType.File]
+    return sorted(found)
+
+
+def file_info(uri: str | Path) -> tuple[int, int] | None:
+    """(size in bytes, mtime in ns) of a file, or None when there is no file at `uri`."""
+    fs, path = filesystem_and_path(uri)
+    with _s3_errors(uri):
+        info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        return None
+    return int(info.size or 0), int(info.mtime_ns or 0)
+
+
+def delete_file(uri: str | Path) -> None:
+    """Remove one file; nothing happens if it does not exist."""
+    fs, path = filesystem_and_path(uri)
+    with _s3_errors(uri):
+        if fs.get_file_info(path).type == pafs.FileType.File:
+            fs.delete_file(path)
+
+
 def delete_dir(uri: str | Path) -> None:
     """Remove a directory and everything under it; nothing happens if it does not exist."""
     fs, path = filesystem_and_path(uri)

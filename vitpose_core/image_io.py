@@ -64,6 +64,32 @@ def read_image_rgb(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS, max_sid
     return cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
 
 
+def decode_image_rgb(data: bytes, name: str, max_pixels: int = MAX_IMAGE_PIXELS,
+                     max_side: int = MAX_IMAGE_SIDE) -> np.ndarray:
+    """RGB uint8 [H, W, 3] of an encoded image (bytes read from a file or S3), checked as `read_image_rgb`
+    checks a file: size from the header first, then OpenCV's decoder. Errors are InvalidInputErrors naming `name`."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as header:
+            width, height = header.size
+    except Image.DecompressionBombError:
+        raise InvalidInputError(f"image {name} has more than {max_pixels} pixels") from None
+    except Exception:
+        raise InvalidInputError(f"cannot read image {name}: not a decodable image (JPEG, PNG, WebP, BMP ...)") from None
+    if width < 1 or height < 1 or width * height > max_pixels or max(width, height) > max_side:
+        raise InvalidInputError(f"image {name} is {width}x{height}; the limit is {max_pixels} pixels and "
+                                f"{max_side} per side")
+    import cv2
+
+    image_bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if image_bgr is None:
+        raise InvalidInputError(f"cannot read image {name}: the decoder failed (truncated or corrupt?)")
+    return cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
+
+
 def boxes_overlapping_image(boxes_xywh: np.ndarray, width: int, height: int) -> np.ndarray:
     """Mask [P] of the boxes (x, y, w, h) that are finite, non-empty and overlap the width x height image."""
     boxes = np.asarray(boxes_xywh, dtype=np.float64).reshape(-1, 4)
