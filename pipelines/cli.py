@@ -16,6 +16,7 @@ import sys
 COMMANDS: dict[str, str] = {
     # the stages, each a package with its config, run function, spec and command
     "shard": "pipelines.shard.command",
+    "detect": "pipelines.detect.command",
     "pretrain": "pipelines.pretrain.command",
     "finetune": "pipelines.finetune.command",
     "tune": "pipelines.tune.command",

@@ -1,6 +1,6 @@
 """The stage contract: what every stage of `vitpose run` is, takes and leaves behind.
 
-A stage is one package under `pipelines/` (shard, pretrain, finetune, tune, distill, register, serve)
+A stage is one package under `pipelines/` (shard, detect, pretrain, finetune, tune, distill, register, serve)
 that owns four things: its config class (`config.py`), its run function (`run.py`: typed config in,
 record out), its CLI subcommand (`command.py`) and its pipeline spec (`spec.py`, a `StageSpec`). The
 orchestrator (`pipelines.pipeline`) only lists the specs; this module is a leaf that every stage and
@@ -78,6 +78,8 @@ class StageSpec:
         run: (config, upstream, force) -> StageOutput.
         resources: config -> what the stage asks of the cluster, for `vitpose plan`.
         cacheable: False for serve, which starts an endpoint on every run.
+        optional: runs only when the pipeline file has its section (detect); without one the stage is left
+            out of the run and the plan, and stages that list it in `optional_inputs` do not read its record.
     """
 
     name: str
@@ -88,6 +90,7 @@ class StageSpec:
     resources: Callable[[Any], dict[str, Any]] = lambda config: {}
     optional_inputs: tuple[str, ...] = ()
     cacheable: bool = True
+    optional: bool = False
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """`vitpose run`: every stage, in order, as one MLflow parent run with a child run per stage.
 
-    shard -> pretrain -> finetune -> tune -> distill -> register -> serve
+    shard -> [detect] -> pretrain -> finetune -> tune -> distill -> register -> serve
 
 The orchestrator only lists the stages (`STAGES`, one `StageSpec` from each stage package) and runs
 them through the stage contract (`pipelines.contract`): each stage's effective section (derived from
@@ -10,6 +10,7 @@ A rerun skips a stage whose record matches the stage's current config hash and t
 upstream records, so exactly the stale stages run again; an interrupted stage has no record, runs
 again and resumes from its own checkpoints (the training stages keep their Ray Train runs under a
 fixed path in their stage directory). Nothing moves between stages through the driver's memory.
+An optional stage (detect) runs only when the pipeline file has its section (`pipeline_specs`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pipelines.contract import (
     record_fingerprint,
     write_record,
 )
+from pipelines.detect.spec import SPEC as DETECT
 from pipelines.distill.spec import SPEC as DISTILL
 from pipelines.finetune.spec import SPEC as FINETUNE
 from pipelines.pretrain.spec import SPEC as PRETRAIN
@@ -46,7 +48,7 @@ from pipelines.tune.spec import SPEC as TUNE
 
 logger = logging.getLogger(__name__)
 
-STAGES: list[StageSpec] = [SHARD, PRETRAIN, FINETUNE, TUNE, DISTILL, REGISTER, SERVE]
+STAGES: list[StageSpec] = [SHARD, DETECT, PRETRAIN, FINETUNE, TUNE, DISTILL, REGISTER, SERVE]
 STAGE_NAMES = tuple(spec.name for spec in STAGES)
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "local.yaml"
 
@@ -92,6 +94,7 @@ class PipelineConfig(StrictConfig):
     finetune: dict[str, Any] = {}
     tune: dict[str, Any] = {}
     distill: dict[str, Any] = {}
+    detect: dict[str, Any] | None = None  # optional stage: None (no `detect:` section) leaves it out
     # `register` would shadow a method pydantic models inherit (ABCMeta.register): store it under an alias
     register_: dict[str, Any] = Field({}, alias="register")
     serve: dict[str, Any] = {}
@@ -101,7 +104,15 @@ class PipelineConfig(StrictConfig):
         return storage.normalize(self.workdir)
 
     def sections(self) -> Sections:
-        return {name: dict(getattr(self, "register_" if name == "register" else name)) for name in STAGE_NAMES}
+        """Every stage's section; an optional stage without one is absent (its spec and others can tell)."""
+        sections = {name: getattr(self, "register_" if name == "register" else name) for name in STAGE_NAMES}
+        return {name: dict(section) for name, section in sections.items() if section is not None}
+
+
+def pipeline_specs(config: PipelineConfig, specs: list[StageSpec] | None = None) -> list[StageSpec]:
+    """The stages this pipeline file runs: every stage, less the optional ones it has no section for."""
+    present = config.sections()
+    return [spec for spec in specs or STAGES if not spec.optional or spec.name in present]
 
 
 def select_stages(all_names: list[str], stages: list[str] | None = None, start: str | None = None) -> list[str]:
@@ -123,14 +134,14 @@ def select_stages(all_names: list[str], stages: list[str] | None = None, start: 
 def effective_sections(config: PipelineConfig, specs: list[StageSpec] | None = None) -> dict[str, dict[str, Any]]:
     """Every stage's effective section: what its own section says, derived from the sections above it."""
     sections = config.sections()
-    return {spec.name: spec.section(sections) for spec in specs or STAGES}
+    return {spec.name: spec.section(sections) for spec in specs or pipeline_specs(config)}
 
 
 def validate_sections(config: PipelineConfig, specs: list[StageSpec] | None = None) -> dict[str, Any]:
     """Every stage's config object as the stage builds it before anything has run (placeholders for the
     upstream URIs); every problem is collected and reported at once, each under its stage's name."""
     configs, problems = {}, []
-    for spec in specs or STAGES:
+    for spec in specs or pipeline_specs(config):
         try:
             configs[spec.name] = spec.build(spec.section(config.sections()), None)
         except ConfigError as error:
@@ -173,9 +184,14 @@ def run_pipeline(config: PipelineConfig, stages: list[str] | None = None, start:
     from pipelines.session import connect_ray, experiment_id, mlflow_client, resolve_tracking_uri
     from pipelines.tracking import supersede_pipeline_attempts
 
-    specs = specs or STAGES
+    specs = specs or pipeline_specs(config)
     reporter = reporter or Reporter()
     names = [spec.name for spec in specs]
+    requested = [*(stages if stages is not None else config.stages or []), *([start] if start else [])]
+    absent = [name for name in requested if name in STAGE_NAMES and name not in names]
+    if absent:
+        raise ConfigError(f"stage(s) {absent} have no section in this pipeline file: add one (e.g. `detect:`, "
+                          "see pipelines/configs/local_detect.yaml) to run them")
     selected = select_stages(names, stages if stages is not None else
                              (list(config.stages) if config.stages is not None else None), start)
     validate_sections(config, specs)
@@ -201,7 +217,7 @@ def run_pipeline(config: PipelineConfig, stages: list[str] | None = None, start:
     reporter.start(config, selected, workdir=workdir, tracking_uri=tracking_uri, ray=where)
 
     sections = effective_sections(config, specs)
-    run_context = _RunContext(config, client, experiment, parent_id, tracking_uri, reporter, force)
+    run_context = _RunContext(config, client, experiment, parent_id, tracking_uri, reporter, force, names)
     results: list[StageResult] = []
     status = "FAILED"
     try:
@@ -225,12 +241,13 @@ class _RunContext:
     """What every stage of one `run_pipeline` call shares."""
 
     def __init__(self, config: PipelineConfig, client: Any, experiment_id: str, parent_id: str, tracking_uri: str,
-                 reporter: Any, force: bool) -> None:
+                 reporter: Any, force: bool, stage_names: list[str]) -> None:
         self.config, self.client, self.experiment_id, self.parent_id = config, client, experiment_id, parent_id
         self.tracking_uri, self.reporter, self.force = tracking_uri, reporter, force
+        self.stage_names = stage_names  # the stages of this pipeline file (optional ones without a section left out)
 
 
-def _upstream_records(spec: StageSpec, workdir: str) -> dict[str, dict[str, Any]]:
+def _upstream_records(spec: StageSpec, workdir: str, stage_names: list[str] | None = None) -> dict[str, dict[str, Any]]:
     records: dict[str, dict[str, Any]] = {}
     for name in spec.inputs:
         record = read_record(storage.join(workdir, name))
@@ -239,6 +256,8 @@ def _upstream_records(spec: StageSpec, workdir: str) -> dict[str, dict[str, Any]
                                f"has no {RECORD_NAME}: run {name!r} first (e.g. `vitpose run --from {name}`)")
         records[name] = record
     for name in spec.optional_inputs:
+        if stage_names is not None and name not in stage_names:
+            continue  # an optional stage this pipeline file leaves out: a record from an earlier run is stale
         record = read_record(storage.join(workdir, name))
         if record is not None:
             records[name] = record
@@ -252,7 +271,7 @@ def _run_stage(spec: StageSpec, section: dict[str, Any], run: _RunContext, index
 
     client, reporter = run.client, run.reporter
     stage_dir = storage.join(run.config.workdir_uri, spec.name)
-    records = _upstream_records(spec, run.config.workdir_uri)
+    records = _upstream_records(spec, run.config.workdir_uri, run.stage_names)
     stage_hash = config_hash(section)
     input_fingerprints = {name: record_fingerprint(record) for name, record in sorted(records.items())}
     previous = read_record(stage_dir)

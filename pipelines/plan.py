@@ -41,7 +41,7 @@ def build_plan(config: PipelineConfig, cluster_file: str | Path | None = DEFAULT
     """{"stages": {stage: effective config}, "resources": {stage: ...}}; raises ConfigError on an inconsistency."""
     configs = validate_sections(config)
     problems = _consistency_problems(configs)
-    resources = {spec.name: spec.resources(configs[spec.name]) for spec in STAGES}
+    resources = {spec.name: spec.resources(configs[spec.name]) for spec in STAGES if spec.name in configs}
     if check_cluster and cluster_file is not None and _needs_gpus(configs):
         problems += _resource_problems(resources, node_types(cluster_file), cluster_file)
     if problems:
@@ -98,11 +98,13 @@ def _consistency_problems(configs: dict[str, Any]) -> list[str]:
 
 def _needs_gpus(configs: dict[str, Any]) -> bool:
     training = [configs[name].scaling.use_gpu for name in ("pretrain", "finetune", "distill")]
-    return any(training) or configs["serve"].resources.model_num_gpus > 0
+    detect = "detect" in configs and configs["detect"].resources.num_gpus > 0
+    return any(training) or detect or configs["serve"].resources.model_num_gpus > 0
 
 
 TRAINING_KEYS = {"CPU": "cpus_per_worker", "GPU": "gpus_per_worker"}
 SERVE_KEYS = {"CPU": "model_num_cpus", "GPU": "model_num_gpus"}
+DETECT_KEYS = {"CPU": "num_cpus", "GPU": "num_gpus"}
 
 
 def _resource_problems(resources: dict[str, Any], nodes: dict[str, dict[str, float]], cluster_file: Any) -> list[str]:
@@ -112,6 +114,8 @@ def _resource_problems(resources: dict[str, Any], nodes: dict[str, dict[str, flo
             ("tune", "tune.finetune.scaling", resources["tune"]["per_trial"]["per_worker"], TRAINING_KEYS),
             ("distill", "distill.scaling", resources["distill"]["per_worker"], TRAINING_KEYS),
             ("serve", "serve.resources", resources["serve"]["per_model_replica"], SERVE_KEYS)]
+    if "detect" in resources:  # optional stage: only when the pipeline file has its section
+        asks.append(("detect", "detect.resources", resources["detect"]["per_task"], DETECT_KEYS))
     problems = []
     for stage, prefix, ask, keys in asks:
         if any(all(offer.get(k, 0.0) >= v for k, v in ask.items() if v) for offer in nodes.values()):

@@ -240,3 +240,57 @@ def resolve_model_source(source: str | Path, tracking_uri: str | None = None,
                          dst_dir: str | Path | None = None) -> Path:
     """Like `resolve_model`, returning only the local checkpoint path."""
     return resolve_model(source, tracking_uri, dst_dir).path
+
+
+# ----------------------------------------------------------------------- models that are plain directories
+
+
+def register_directory(directory: str | Path, name: str, run_id: str, artifact_path: str,
+                       tracking_uri: str | None = None, tags: dict[str, Any] | None = None) -> str:
+    """Log `directory` as artifacts of run `run_id` under `artifact_path` and register them as a new version of
+    `name`; returns the version.
+
+    For models that are not ViTPose checkpoints (the person detector: `detector.safetensors` +
+    `detector.json`): they are registered from the run's artifact location, with no pyfunc flavour, and
+    come back with `resolve_directory`.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client = _client(tracking_uri)
+    client.log_artifacts(run_id, str(directory), artifact_path)
+    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+    try:
+        client.create_registered_model(name)
+    except MlflowException as error:
+        if "RESOURCE_ALREADY_EXISTS" not in str(error.error_code):
+            raise
+    version = client.create_model_version(name, source, run_id=run_id,
+                                          tags={key: str(value) for key, value in (tags or {}).items()})
+    return str(version.version)
+
+
+def resolve_directory(source: str | Path, marker: str, tracking_uri: str | None = None,
+                      dst_dir: str | Path | None = None) -> Path:
+    """The local directory holding `marker` (e.g. `detector.json`) of a model source: `models:/<name>@<alias>`,
+    `models:/<name>/<version>`, `runs:/<id>/<path>`, an s3:// prefix (copied) or a local directory."""
+    source = str(source)
+    destination = Path(dst_dir) if dst_dir else Path(tempfile.mkdtemp(prefix="vitpose-model-"))
+    if source.startswith(("models:/", "runs:/")):
+        if source.startswith("models:/") and "@" in source:
+            name, version = _describe_registry_uri(source, tracking_uri)  # pin the alias: name and files agree
+            source = f"models:/{name}/{version}"
+        destination.mkdir(parents=True, exist_ok=True)
+        root = Path(_mlflow(tracking_uri).artifacts.download_artifacts(artifact_uri=source, dst_path=str(destination)))
+    elif source.startswith("s3://"):
+        from pipelines import storage
+
+        root = destination / Path(source.rstrip("/")).name
+        storage.copy_dir(source, root)
+    else:
+        root = Path(source).expanduser().resolve()
+    if (root / marker).is_file():
+        return root
+    found = sorted(path.parent for path in root.rglob(marker)) if root.is_dir() else []
+    if len(found) != 1:
+        raise FileNotFoundError(f"expected one {marker} under {source}, found {len(found)}")
+    return found[0]

@@ -249,6 +249,7 @@ def train_detector(model: nn.Module, samples: Sequence[DetectionSample], config:
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: _lr_factor(step, total_steps, config.warmup_steps))
+    device = next(model.parameters()).device  # a model moved to a GPU trains there; images stay uint8 on the CPU
     model.train()
     history: list[dict[str, Any]] = []
     recent: list[float] = []
@@ -264,8 +265,9 @@ def train_detector(model: nn.Module, samples: Sequence[DetectionSample], config:
                     width = image.shape[-1]
                     image = image.flip(-1)
                     boxes[:, [0, 2]] = width - boxes[:, [2, 0]]  # x1' = W - x2, x2' = W - x1
-                batch_images.append(image)
-                batch_targets.append({"boxes": boxes, "labels": torch.full((len(boxes),), PERSON_LABEL)})
+                batch_images.append(image.to(device))
+                batch_targets.append({"boxes": boxes.to(device),
+                                      "labels": torch.full((len(boxes),), PERSON_LABEL, device=device)})
             losses = model(batch_images, batch_targets)
             loss = sum(losses.values())
             if not torch.isfinite(loss):
@@ -295,6 +297,47 @@ def train_detector(model: nn.Module, samples: Sequence[DetectionSample], config:
                 return history
     model.eval()
     return history
+
+
+# ------------------------------------------------------------------------------- initial weights
+
+
+def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a torchvision `.pth` (loaded with `weights_only=True`) or a `.safetensors` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"detector weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):  # a training checkpoint {model: ...}
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} is not a state dict of tensors")
+    return state
+
+
+def load_matching_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Copy the tensors of `state` whose name and shape match `model`'s; returns the names loaded.
+
+    Two kinds of torchvision weights fit: a COCO detector of the same architecture (e.g.
+    `fasterrcnn_mobilenet_v3_large_320_fpn`), whose 91-class heads do not match the person + background
+    heads and keep their random init, and ImageNet MobileNetV3 weights (`features.*`), which land in the
+    detector's backbone (`backbone.body.*`). A file that matches nothing is an error, not a silent
+    random init.
+    """
+    own = model.state_dict()
+    loaded: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        for name in (key, "backbone.body." + key.removeprefix("features.") if key.startswith("features.") else None):
+            if name in own and own[name].shape == value.shape:
+                loaded[name] = value
+                break
+    if not loaded:
+        raise ValueError(f"none of the {len(state)} tensors of the weights fit the detector "
+                         f"({type(model).__name__}); pass weights of the same architecture or its backbone")
+    model.load_state_dict(loaded, strict=False)
+    return sorted(loaded)
 
 
 # ------------------------------------------------------------------------------------- save / load

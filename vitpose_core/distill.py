@@ -166,6 +166,45 @@ class DistillTask:
         return loss, metrics
 
 
+def teacher_block_indices(teacher_depth: int, student_depth: int) -> list[int]:
+    """Evenly spaced teacher blocks for a shallower student, first and last included (6 -> 3: 0, 2, 5)."""
+    if not 1 <= student_depth <= teacher_depth:
+        raise ValueError(f"a student initialised from its teacher needs 1 <= depth <= the teacher's "
+                         f"({teacher_depth}); got {student_depth}")
+    if student_depth == 1:
+        return [teacher_depth - 1]
+    return [round(i * (teacher_depth - 1) / (student_depth - 1)) for i in range(student_depth)]
+
+
+def init_student_from_teacher(student: ViTPose, teacher: ViTPose) -> list[str]:
+    """Copy the teacher's weights into a shallower student of the same width: patch embedding, position
+    embedding, evenly spaced blocks (``teacher_block_indices``), the final norm and, where its shapes
+    match, the decoder. Returns the student's parameter names that were copied.
+
+    Not in the paper (its students start from MAE weights); layer selection from the teacher is how
+    DistilBERT starts its student, and here it is what lets a half-depth student keep most of the teacher's
+    AP in a short distillation budget (bench/results/distill.md). Widths must match: a narrower student
+    has nothing to take, and the error says so.
+    """
+    if student.config.embed_dim != teacher.config.embed_dim:
+        raise ValueError(f"init from teacher needs the student's width to be the teacher's: student embed_dim "
+                         f"{student.config.embed_dim}, teacher {teacher.config.embed_dim}")
+    teacher_state = teacher.state_dict()
+    blocks = teacher_block_indices(len(teacher.backbone.blocks), len(student.backbone.blocks))
+    copied = []
+    new_state = {}
+    for name, value in student.state_dict().items():
+        source = name
+        if name.startswith("backbone.blocks."):
+            index, rest = name[len("backbone.blocks."):].split(".", 1)
+            source = f"backbone.blocks.{blocks[int(index)]}.{rest}"
+        if source in teacher_state and teacher_state[source].shape == value.shape:
+            new_state[name] = teacher_state[source].clone()
+            copied.append(name)
+    student.load_state_dict(new_state, strict=False)
+    return copied
+
+
 def student_for_training(student: ViTPose, tokens: torch.Tensor | None, seed: int = 0) -> nn.Module:
     """The module stage 2 optimises: ``TokenStudent`` when a token is given, else the bare student."""
     return student if tokens is None else TokenStudent(student, tokens, seed)
@@ -178,5 +217,5 @@ def deployable_student(model: nn.Module) -> ViTPose:
 
 __all__ = [
     "DistillTask", "KnowledgeToken", "TokenStudent", "TokenTeacher", "deployable_student", "fixed_projection",
-    "freeze", "require_full_attention", "student_for_training",
+    "freeze", "init_student_from_teacher", "require_full_attention", "student_for_training", "teacher_block_indices",
 ]

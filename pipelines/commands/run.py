@@ -44,6 +44,11 @@ def summary_lines(results: list[Any], config: Any, tracking_uri: str) -> list[st
     for name in ("pretrain", "finetune", "tune", "distill"):
         if outputs.get(name, {}).get("checkpoint"):
             lines.append(f"  {name:<12} {outputs[name]['checkpoint']}")
+    detect = by_name.get("detect", {})
+    if detect:
+        lines.append(f"  detector     {detect.get('outputs', {}).get('model_uri')} = v{detect.get('outputs', {}).get('version')}, "
+                     f"box AP {detect.get('metrics', {}).get('champion_box_ap', float('nan')):.3f} on the val images "
+                     "(serves box-free requests)")
     lines.append(f"  mlflow       {tracking_uri}")
     if tracking_uri.startswith("sqlite:"):
         lines.append(f"  mlflow ui    mlflow ui --backend-store-uri {tracking_uri} --port 5000  "
@@ -58,6 +63,10 @@ def summary_lines(results: list[Any], config: Any, tracking_uri: str) -> list[st
                      f"AP {register.get('metrics', {}).get('ap', float('nan')):.3f} on the val split")
         if scores:
             lines.append(f"  candidates   {scores} (same val split, flip test)")
+        metrics = register.get("metrics", {})
+        if "ap_detected_boxes" in metrics:  # the pipeline has a detect stage
+            lines.append(f"  person boxes champion AP {metrics['ap_detected_boxes']:.3f} with detected boxes, "
+                         f"{metrics['ap_gt_boxes']:.3f} with ground-truth boxes (val images, flip test)")
         for name, uri in (out.get("pictures") or {}).items():
             lines.append(f"  picture      {uri}  ({name.replace('_', ' ')})")
     if register and config.shard.get("synthetic") is not None and not config.shard.get("sources"):

@@ -26,6 +26,9 @@ class DistillSection(StrictConfig):
     token_lr: float = Field(1e-3, gt=0)
     output_weight: float = Field(1.0, ge=0, description="weight of MSE(student, teacher) heatmaps; 0 = off")
     gt_weight: float = Field(1.0, ge=0)
+    init_from_teacher: bool = Field(
+        False, description="start the student from evenly spaced teacher blocks (same width, fewer blocks) "
+                           "instead of random or model.pretrained weights")
     projection_seed: int = 0
 
 

@@ -34,7 +34,14 @@ from pipelines.training.recipe import TrainingRecipe, check_schedule, export_uri
 from pipelines.training.result import run_training
 from pipelines.training.trainer import fit
 from vitpose_core.checkpoint import load_model
-from vitpose_core.distill import DistillTask, TokenTeacher, deployable_student, freeze, student_for_training
+from vitpose_core.distill import (
+    DistillTask,
+    TokenTeacher,
+    deployable_student,
+    freeze,
+    init_student_from_teacher,
+    student_for_training,
+)
 from vitpose_core.engine import FinetuneTask
 from vitpose_core.models import build_model
 
@@ -80,6 +87,9 @@ def build_student(config: DistillConfig) -> nn.Module:
                           **{k: v for k, v in config.student.model_dump().items() if v is not None})
     if config.model.pretrained:
         student = build_finetune_model(config)
+    if config.distill.init_from_teacher:
+        copied = init_student_from_teacher(student, load_teacher(config))
+        logger.info("student initialised from the teacher: %d tensors copied", len(copied))
     tokens = None
     if config.distill.knowledge_token:
         tokens = load_file(str(storage.local_dir(config.token_checkpoint) / TOKEN_FILE))["tokens"]

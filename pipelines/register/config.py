@@ -26,3 +26,6 @@ class RegisterConfig(StrictConfig):
                             "logged to the stage's MLflow run either way")
     curves: dict[str, str] = Field({}, description="label -> MLflow run id whose val AP and loss are plotted "
                                    "(`vitpose run`: the candidates' training runs)")
+    detections: str | None = Field(None, description="COCO detection results on the val images (the detect stage's "
+                                   "`val_detections`); when set, the champion's pose AP over the val images is "
+                                   "reported with these boxes and with ground-truth boxes")

@@ -13,10 +13,16 @@ takes them on the command line. Then:
 
 Rescoring instead of trusting the stages' own `val_AP` keeps the comparison fair when stages evaluate
 differently (e.g. `eval.max_instances` caps, or a tune trial's best epoch).
+
+With `detections` (the detect stage's boxes on the val images) the champion is also scored the way the
+ViTPose paper reports COCO AP: over the val images with a person detector's boxes, beside the same
+evaluation with ground-truth boxes (`box_comparison`: the top-down path of `vitpose eval --checkpoint
+--images --flip-test [--detections]`). Only the boxes differ between the two figures.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from collections.abc import Callable
@@ -96,21 +102,68 @@ def run_register(config: RegisterConfig, run_id: str | None = None) -> StageOutp
     for key, value in tags.items():
         client.set_model_version_tag(config.model_name, version, key, str(value))
 
-    pictures = _pictures(config, client, run_id, champion=config.checkpoints[winner] if promoted else
-                         f"models:/{config.model_name}/{holder}", tracking_uri=tracking_uri)
+    champion = config.checkpoints[winner] if promoted else f"models:/{config.model_name}/{holder}"
+    pictures = _pictures(config, client, run_id, champion=champion, tracking_uri=tracking_uri)
     champion_version = version if promoted else holder
     champion_ap = scores[winner] if promoted else holder_ap
     metrics = {f"{name}_ap": value for name, value in scores.items()}
     metrics.update(ap=float(champion_ap), candidate_ap=scores[winner], promoted=float(promoted))
     verdict = (f"v{version} from {winner} is {config.alias}" if promoted else
                f"v{version} from {winner} (AP {scores[winner]:.3f}) did not beat v{holder}; {config.alias} stays")
+    boxes = ""
+    if config.detections:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = registry.resolve_model_source(champion, tracking_uri, Path(tmp) / "champion")
+            comparison = box_comparison(local, config.scoring, config.detections)
+        metrics.update(comparison)
+        for key in ("ap_detected_boxes", "ap_gt_boxes"):
+            client.set_model_version_tag(config.model_name, champion_version, f"val_{key}", str(comparison[key]))
+        boxes = (f"; with detected boxes AP {comparison['ap_detected_boxes']:.3f} "
+                 f"(ground-truth boxes {comparison['ap_gt_boxes']:.3f})")
     return StageOutput(
         outputs={"model_uri": f"models:/{config.model_name}@{config.alias}", "model_name": config.model_name,
                  "alias": config.alias, "version": champion_version, "candidate_version": version, "winner": winner,
                  "promoted": promoted, "checkpoint": config.checkpoints[winner], "scores": scores,
-                 "pictures": pictures},
+                 "pictures": pictures, "detections": config.detections},
         metrics=metrics,
-        summary=f"{verdict}, AP {champion_ap:.3f} ({', '.join(f'{n} {s:.3f}' for n, s in scores.items())})")
+        summary=f"{verdict}, AP {champion_ap:.3f} ({', '.join(f'{n} {s:.3f}' for n, s in scores.items())}){boxes}")
+
+
+def box_comparison(checkpoint: Path, scoring: FinetuneConfig, detections: str) -> dict[str, float]:
+    """Pose AP (and AP50, AR) of a checkpoint over the val images with ground-truth boxes and with `detections`.
+
+    One top-down path for both, the one `vitpose eval --checkpoint CK --annotations A --images I
+    --flip-test [--detections D]` runs: crop every box, run the model (fp32, flip test as
+    `scoring.eval.flip_test`), decode to image pixels, rescore with the box score + OKS-NMS, COCO keypoint AP.
+    The val images and annotations are the shard manifest's val source (local or s3://).
+    """
+    from pipelines.detect.images import read_split
+    from vitpose_core.checkpoint import load_model
+    from vitpose_core.evaluation import (
+        evaluate_keypoints,
+        ground_truth_boxes,
+        load_detections,
+        load_ground_truth,
+        rescore_and_nms,
+    )
+    from vitpose_core.inference import TopDownPredictor, predict_dataset
+
+    model = load_model(checkpoint)
+    keypoint_set = model.config.keypoint_set_data
+    predictor = TopDownPredictor(model, keypoint_set, flip_test=scoring.eval.flip_test,
+                                 batch_size=scoring.eval.batch_size)
+    metrics = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        val = read_split(scoring.data.shards, "val", tmp, one_source=True)
+        ground_truth = load_ground_truth(val.document)
+        boxes = {"gt_boxes": ground_truth_boxes(ground_truth),
+                 "detected_boxes": load_detections(json.loads(storage.read_text(detections)),
+                                                   image_ids=ground_truth.getImgIds())}
+        for name, by_image in boxes.items():
+            results = rescore_and_nms(predict_dataset(predictor, val.paths, by_image), keypoint_set.sigmas_array())
+            stats = evaluate_keypoints(ground_truth, results, keypoint_set.sigmas_array())
+            metrics.update({f"ap_{name}": stats["AP"], f"ap50_{name}": stats["AP50"], f"ar_{name}": stats["AR"]})
+    return metrics
 
 
 

@@ -1,5 +1,7 @@
 """The register stage in `vitpose run`: candidates from the stages' records, scored on the shard stage's val
-split with the finetune section's eval settings; the winner is registered and maybe promoted."""
+split with the finetune section's eval settings; the winner is registered and maybe promoted. With a detect
+stage in the pipeline it also reports the champion's pose AP with the detector's val boxes beside the AP with
+ground-truth boxes (`detections`, from the detect record)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,10 @@ CANDIDATE_STAGES = ("finetune", "tune", "distill")
 def section(sections: Sections) -> dict[str, Any]:
     scoring = {key: value for key, value in sections.get("finetune", {}).items()
                if key in ("data", "eval", "scaling", "seed")}
-    return deep_merge({"scoring": scoring}, sections.get("register", {}))
+    derived: dict[str, Any] = {"scoring": scoring}
+    if "detect" in sections:  # the pipeline has a detect stage: score the champion on its boxes too
+        derived["detections"] = placeholder("detect", "val_detections")
+    return deep_merge(derived, sections.get("register", {}))
 
 
 def build(section: dict[str, Any], upstream: Upstream | None) -> RegisterConfig:
@@ -36,6 +41,8 @@ def build(section: dict[str, Any], upstream: Upstream | None) -> RegisterConfig:
         data.setdefault("out", upstream.path("out"))
         runs = {name: upstream.output(name, "mlflow_run_id") for name in candidates}
         data.setdefault("curves", {name: run_id for name, run_id in runs.items() if run_id})
+        if data.get("detections") == placeholder("detect", "val_detections"):
+            data["detections"] = upstream.output("detect", "val_detections")  # None without a detect record
     return build_config(RegisterConfig, data, source="register section")
 
 
@@ -45,5 +52,5 @@ def run(config: RegisterConfig, upstream: Upstream, force: bool) -> StageOutput:
     return run_register(config, run_id=upstream.parent_run_id)
 
 
-SPEC = StageSpec("register", inputs=("shard",), optional_inputs=CANDIDATE_STAGES, section=section, build=build,
-                 run=run)
+SPEC = StageSpec("register", inputs=("shard",), optional_inputs=(*CANDIDATE_STAGES, "detect"), section=section,
+                 build=build, run=run)

@@ -25,6 +25,9 @@ The project's own detector (a small torchvision model trained on the pipeline's 
 
     detector: {import_path: "pipelines.serve.detector:TorchvisionPersonDetector",
                init_kwargs: {path: runs/detector, score_threshold: 0.5}}
+
+`path` may also be a registered detector (`models:/vitpose-detector@champion`, what `vitpose run` serves when
+the pipeline has a detect stage), resolved to a local copy when the replica starts.
 """
 
 from __future__ import annotations
@@ -60,19 +63,27 @@ class TorchvisionPersonDetector:
     """A detector saved by `vitpose_core.detection.save_detector`, served as the `PersonDetector` deployment.
 
     Args:
-        path: the detector directory (`detector.safetensors` + `detector.json`) on every node.
+        path: the detector directory (`detector.safetensors` + `detector.json`) on every node, an s3:// copy
+            of one, or a registered detector (`models:/<name>@<alias>`, `models:/<name>/<version>`).
         score_threshold: boxes scoring below are dropped; None keeps the saved config's threshold.
         torch_threads: intra-op threads of this replica (0 = torch's default). One thread per replica
             is the fast choice on small shared CPUs (docs/serving.md, Performance).
+        tracking_uri: the MLflow store of a `models:/` path (None: MLFLOW_TRACKING_URI).
     """
 
-    def __init__(self, path: str, score_threshold: float | None = None, torch_threads: int = 1) -> None:
+    def __init__(self, path: str, score_threshold: float | None = None, torch_threads: int = 1,
+                 tracking_uri: str | None = None) -> None:
         import torch
 
-        from vitpose_core.detection import load_detector
+        from vitpose_core.detection import DETECTOR_CONFIG_NAME, load_detector
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
+        if str(path).startswith(("models:/", "runs:/", "s3://")):
+            from pipelines.registry import resolve_directory
+
+            path = str(resolve_directory(path, DETECTOR_CONFIG_NAME, tracking_uri))
+        self.source = path
         overrides = {} if score_threshold is None else {"score_threshold": score_threshold}
         self.detector = load_detector(path, **overrides)
         self.detector.detect(np.zeros((64, 64, 3), np.uint8))  # warm-up: the first request should not pay for it

@@ -85,5 +85,5 @@ def run_serve(config: ServeConfig) -> StageOutput:
     body = response.json()
     persons = len(body.get("persons", []))
     return StageOutput(outputs={"url": url, "model": body.get("model"), "version": body.get("version")},
-                       metrics={"sample_latency_ms": latency_ms},
+                       metrics={"sample_latency_ms": latency_ms, "sample_persons": float(persons)},
                        summary=f"{url}/v1/pose answered ({persons} person, {latency_ms:.0f} ms)")

@@ -19,7 +19,7 @@ from paths import REPO_ROOT
 
 ROOT = REPO_ROOT
 PACKAGE = ROOT / "pipelines"
-STAGES = ("shard", "pretrain", "finetune", "tune", "distill", "register", "serve")
+STAGES = ("shard", "detect", "pretrain", "finetune", "tune", "distill", "register", "serve")
 
 
 def module_name(path: Path) -> str:

@@ -15,7 +15,7 @@ from paths import REPO_ROOT
 from pipelines.cli import main
 
 CONFIGS = REPO_ROOT / "pipelines" / "configs"
-PIPELINE_FILES = ("local.yaml", "cocoaic_vitpose_b_8gpu.yaml", "vitpose_h_fsdp.yaml")
+PIPELINE_FILES = ("local.yaml", "local_detect.yaml", "cocoaic_vitpose_b_8gpu.yaml", "vitpose_h_fsdp.yaml")
 
 
 def plan(capsys, *argv: str) -> tuple[int, dict | None, str]:
@@ -28,7 +28,8 @@ def plan(capsys, *argv: str) -> tuple[int, dict | None, str]:
 def test_every_shipped_pipeline_config_plans(name, capsys):
     code, result, err = plan(capsys, "--config", str(CONFIGS / name))
     assert code == 0, err
-    assert list(result["stages"]) == ["shard", "pretrain", "finetune", "tune", "distill", "register", "serve"]
+    detect = ["detect"] if name == "local_detect.yaml" else []  # the optional stage: only with its section
+    assert list(result["stages"]) == ["shard", *detect, "pretrain", "finetune", "tune", "distill", "register", "serve"]
     finetune = result["stages"]["finetune"]
     assert finetune["data"]["shards"] == "<shard.shards>"  # filled from the shard stage's record at run time
     # the tune trials' base derives from the finetune section: what tune does not name is finetune's

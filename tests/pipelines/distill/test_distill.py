@@ -15,7 +15,9 @@ from vitpose_core.distill import (
     TokenTeacher,
     deployable_student,
     fixed_projection,
+    init_student_from_teacher,
     student_for_training,
+    teacher_block_indices,
 )
 from vitpose_core.engine import EngineConfig, FinetuneTask, eval_step, train_step
 from vitpose_core.models import build_model
@@ -132,6 +134,27 @@ def test_output_distillation_pulls_student_heatmaps_towards_the_teacher():
     for step in range(10):
         train_step(student, task, batch, optimizer, None, FP32, step)
     assert task.loss(student, batch)[1]["output_distill_loss"].item() < before
+
+
+def test_student_from_teacher_blocks_starts_where_the_teacher_is():
+    """A half-depth student of the teacher's width takes evenly spaced teacher blocks (first and last kept),
+    the embeddings, the final norm and the decoder; a narrower student is refused with both widths named."""
+    assert teacher_block_indices(6, 3) == [0, 2, 5] and teacher_block_indices(12, 12) == list(range(12))
+    torch.manual_seed(0)
+    teacher = build_model("vitpose-tiny", img_size=IMG, depth=4)
+    student = build_model("vitpose-tiny", img_size=IMG, depth=2)
+    copied = init_student_from_teacher(student, teacher)
+    assert set(copied) == set(student.state_dict())  # same width: every tensor has a teacher source
+    assert torch.equal(student.backbone.blocks[1].mlp.fc1.weight, teacher.backbone.blocks[3].mlp.fc1.weight)
+    assert torch.equal(student.keypoint_head.final_layer.weight, teacher.keypoint_head.final_layer.weight)
+    # the copied student is closer to the teacher's output than a random one of the same shape
+    images = torch.randn(2, 3, *IMG)
+    with torch.no_grad():
+        target = teacher.eval()(images)
+        fresh = build_model("vitpose-tiny", img_size=IMG, depth=2).eval()
+        assert (student.eval()(images) - target).abs().mean() < (fresh(images) - target).abs().mean()
+    with pytest.raises(ValueError, match="embed_dim 96, teacher 192"):
+        init_student_from_teacher(build_model("vitpose-tiny", img_size=IMG, embed_dim=96, num_heads=3), teacher)
 
 
 def test_token_needs_full_attention():
