@@ -180,3 +180,26 @@ def test_bad_inputs_name_the_path(checkpoint, s3_server, tmp_path, capsys):
                                             "--out", tmp_path / "o")
     assert f"--checkpoint {missing}: not found" in error_of(capsys, "--checkpoint", missing, "--input", empty,
                                                            "--out", tmp_path / "o")
+
+
+def test_a_registered_model_by_alias(ray_local, shared_data, checkpoint, tmp_path, capsys):
+    import mlflow
+
+    from pipelines import registry
+
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(tracking_uri)
+    experiment = mlflow.create_experiment("infer-tests", artifact_location=str(tmp_path / "artifacts"))
+    with mlflow.start_run(experiment_id=experiment):
+        model_uri = registry.log_checkpoint_model(checkpoint, tracking_uri=tracking_uri)
+    registry.set_alias("vitpose-infer", "champion", registry.register(model_uri, "vitpose-infer", tracking_uri),
+                       tracking_uri)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(shared_data / "coco" / COCO_IMAGES[1], folder / COCO_IMAGES[1])
+    argv = ["--input", folder, "--out", tmp_path / "out", "--tracking-uri", tracking_uri]
+    printed = infer(capsys, "--model-alias", "champion", "--model-name", "vitpose-infer", *argv)
+    assert "model    vitpose-infer v1 (@champion)" in printed
+    summary = json.loads((tmp_path / "out" / "infer.json").read_text())
+    assert summary["model_identity"] == "models:/vitpose-infer/1" and summary["counts"]["results"] == 1
+    assert "nope" in error_of(capsys, "--model-alias", "nope", "--model-name", "vitpose-infer", *argv)
