@@ -49,7 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--gpus-per-actor", type=float, default=1.0, help="with --device cuda")
     parser.add_argument("--torch-threads", type=int, default=1, help="torch threads per actor (0: torch's default)")
     parser.add_argument("--flip-test", action="store_true", help="average with the mirrored crops (2x compute)")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights cast once to bf16, or fp32")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "auto"], default="fp32",
+                        help="fp32 (as eval), bf16 (weights cast once), or auto: bf16 where the device computes it natively")
     parser.add_argument("--no-oks-nms", dest="oks_nms", action="store_false",
                         help="keep every person (default: OKS-NMS per image, as `vitpose eval`)")
     parser.add_argument("--max-frames", type=int, default=None, help="video: pose at most this many frames")

@@ -47,7 +47,7 @@ class InferConfig:
     gpus_per_actor: float = 1.0  # with device cuda
     torch_threads: int = 1  # per actor; 1 is the fast choice on small shared CPUs (docs/serving.md)
     flip_test: bool = False
-    dtype: Literal["fp32", "bf16"] = "fp32"
+    dtype: Literal["fp32", "bf16", "auto"] = "fp32"  # auto: vitpose_core.inference.resolve_precision per actor
     oks_nms: bool = True
     max_frames: int | None = None  # video: at most this many frames
     frame_stride: int = 1  # video: every n-th frame

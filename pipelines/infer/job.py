@@ -136,7 +136,6 @@ def _run_parts(prepared: Prepared, todo: list[Part], stream: TextIO) -> None:
     context.raise_original_map_exception = True
     input_fs = storage.s3_filesystem() if storage.is_s3(prepared.plan.source) else None
     out_fs = storage.s3_filesystem() if storage.is_s3(prepared.out) else None
-    ref = lambda m: None if m is None else {"uri": m.uri, "tracking_uri": m.tracking_uri}  # noqa: E731
     progress = CountProgress(sum(len(part.items) for part in todo), "infer",
                              "frame" if prepared.plan.kind == "video" else "image", stream=stream)
     try:
@@ -146,7 +145,7 @@ def _run_parts(prepared: Prepared, todo: list[Part], stream: TextIO) -> None:
             PoseWorker, batch_size=1, batch_format="numpy", concurrency=config.actors,
             num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor if config.device == "cuda" else 0,
             fn_constructor_kwargs={
-                "model": ref(config.model), "detector": ref(config.detector),
+                "model": _actor_ref(config.model), "detector": _actor_ref(config.detector),
                 "detector_score_threshold": config.detector_score_threshold, "device": config.device,
                 "dtype": config.dtype, "flip_test": config.flip_test, "torch_threads": config.torch_threads,
                 "crops_per_forward": config.crops_per_forward, "render": config.render,
@@ -162,6 +161,11 @@ def _run_parts(prepared: Prepared, todo: list[Part], stream: TextIO) -> None:
     finally:
         progress.close()
         context.raise_original_map_exception = saved_raise
+
+
+def _actor_ref(model: Any) -> dict[str, Any] | None:
+    """What an actor needs to load a `ModelRef`."""
+    return None if model is None else {"uri": model.uri, "tracking_uri": model.tracking_uri}
 
 
 def _merge(prepared: Prepared) -> dict[str, Any]:
@@ -197,6 +201,7 @@ def _merge(prepared: Prepared) -> dict[str, Any]:
         "input": prepared.plan.source, "kind": prepared.plan.kind, "out": prepared.out,
         "model": config.model.label, "model_identity": config.model.identity,
         "model_variant": records[0]["model"]["variant"], "keypoint_set": keypoint_set.name,
+        "dtype": sorted({record["model"].get("dtype", config.dtype) for record in records}),
         "people": prepared.people_source(), "boxes": prepared.box_counts, "settings": config.pose_settings(),
         "oks_nms": config.oks_nms, "video": prepared.plan.video or None,
         "counts": {"inputs": len(prepared.plan.items), "images": len(images), "skipped": len(skipped),

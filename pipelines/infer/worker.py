@@ -51,6 +51,9 @@ class PoseWorker:
                 self.detector = _load_detector(detector, detector_score_threshold, download_dir, self.device)
         finally:
             shutil.rmtree(download_dir, ignore_errors=True)  # the weights are in memory now
+        from vitpose_core.inference import resolve_precision
+
+        dtype = resolve_precision(dtype, self.device)  # "auto": bf16 where it is native here, else fp32
         weights_dtype = torch.bfloat16 if dtype == "bf16" else None
         if weights_dtype is not None:
             pose_model = pose_model.to(weights_dtype)  # cast once, as serving does; run_model feeds crops in it
@@ -58,7 +61,7 @@ class PoseWorker:
                                           batch_size=crops_per_forward)
         self.keypoint_set = self.predictor.keypoint_set
         self.model_info = {"variant": pose_model.config.variant, "input_size": list(self.predictor.input_size),
-                           "keypoint_set": self.keypoint_set.to_dict()}
+                           "keypoint_set": self.keypoint_set.to_dict(), "dtype": dtype}
         self.render, self.draw_score_threshold = render, draw_score_threshold
         self.out, self.input_fs, self.out_fs = out, input_fs, out_fs
 
