@@ -117,7 +117,7 @@ def pretrain(args: argparse.Namespace) -> None:
                     decoder_heads=4, mask_ratio=0.75)
     optimizer = build_adamw(mae, lr=args.lr, weight_decay=0.05, betas=(0.9, 0.95))
     scheduler = build_scheduler(optimizer, total_steps=args.steps, warmup_steps=args.warmup)
-    engine = EngineConfig(precision="bf16", max_grad_norm=None)
+    engine = EngineConfig(precision="auto", max_grad_norm=None)
     stream = StreamConfig(input_size=INPUT_SIZE, rotation_prob=0.0, half_body_prob=0.0)  # MAE: crops + flips
     payload = {"stage": "pretrain", "args": vars(args), "load_start": machine_load(), "points": []}
     train_seconds, step = 0.0, 0
@@ -138,17 +138,18 @@ def pretrain(args: argparse.Namespace) -> None:
 def finetune(args: argparse.Namespace) -> None:
     work = Path(args.work)
     torch.manual_seed(args.seed)
-    model = build_model("vitpose-tiny", input_size=INPUT_SIZE, drop_path_rate=args.drop_path)
+    input_size = tuple(args.input_size)
+    model = build_model("vitpose-tiny", input_size=input_size, drop_path_rate=args.drop_path, decoder=args.decoder)
     if args.init == "mae":
         load_pretrained_encoder(model, encoder_dir(args))
     if args.freeze_backbone:  # a probe of the encoder's features: only the heatmap decoder learns
         model.backbone.requires_grad_(False)
     optimizer = build_adamw(model, lr=args.lr, weight_decay=0.1, layer_decay=args.layer_decay)
     scheduler = build_scheduler(optimizer, total_steps=args.steps, warmup_steps=args.warmup, min_ratio=0.01)
-    engine = EngineConfig(precision="bf16", max_grad_norm=1.0)
-    stream = StreamConfig(input_size=INPUT_SIZE, sigma=args.sigma, rotation_factor=args.rotation)
+    engine = EngineConfig(precision="auto", max_grad_norm=1.0)  # bf16 only where native
+    stream = StreamConfig(input_size=input_size, sigma=args.sigma, rotation_factor=args.rotation)
     val_stream = stream.model_copy(update={"augment": False})
-    codec = UDPHeatmapCodec(INPUT_SIZE, stream.heatmap_size, args.sigma)
+    codec = UDPHeatmapCodec(input_size, stream.heatmap_size, args.sigma)
     ground_truth = load_ground_truth(work / "synthetic_val" / "annotations" / "person_keypoints_val.json")
 
     def evaluate() -> dict:
@@ -207,6 +208,9 @@ def main() -> None:
                         help="MAE encoder directory that pretrain writes and finetune --init mae reads (default: "
                              "<work>/mae_encoder)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--input-size", type=int, nargs=2, default=list(INPUT_SIZE), metavar=("W", "H"),
+                        help="finetune input (W H), default 96 128")
+    parser.add_argument("--decoder", choices=["classic", "simple"], default="classic")
     args = parser.parse_args()
     torch.set_num_threads(2)
     {"data": make_data, "pretrain": pretrain, "finetune": finetune}[args.command](args)

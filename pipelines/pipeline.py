@@ -181,7 +181,13 @@ def run_pipeline(config: PipelineConfig, stages: list[str] | None = None, start:
         reporter: progress output (default `pipelines.progress.Reporter` on stdout).
     """
     from pipelines.progress import Reporter
-    from pipelines.session import connect_ray, experiment_id, mlflow_client, resolve_tracking_uri
+    from pipelines.session import (
+        connect_ray,
+        experiment_id,
+        mlflow_client,
+        resolve_tracking_uri,
+        route_library_logs,
+    )
     from pipelines.tracking import supersede_pipeline_attempts
 
     specs = specs or pipeline_specs(config)
@@ -225,6 +231,7 @@ def run_pipeline(config: PipelineConfig, stages: list[str] | None = None, start:
             if spec.name not in selected:
                 results.append(StageResult(spec.name, "not-selected", record=read_record(storage.join(workdir, spec.name))))
                 continue
+            route_library_logs()  # a library imported by the previous stage (e.g. Serve) may have added a console
             results.append(_run_stage(spec, sections[spec.name], run_context, index, len(specs)))
         status = "FINISHED"
     finally:

@@ -112,16 +112,23 @@ def disconnect_ray() -> None:
 CHATTY_LOGGERS = ("ray", "mlflow", "alembic", "py.warnings", "urllib3", "filelock", "pipelines", "vitpose_core")
 
 
+# the run's log file handler and whether the console keeps INFO lines (set by send_logs_to_file)
+_LOG_FILE: Any = None
+_VERBOSE = False
+
+
 def send_logs_to_file(path: Path, verbose: bool = False) -> Path:
     """Everything logged (ours, Ray's, Tune's, MLflow's, Python warnings) goes to `path`; the console keeps the
     stage lines and progress bars the command prints itself, plus errors. `verbose` keeps the console's
     INFO lines too (`vitpose -v run`)."""
     import logging
 
+    global _LOG_FILE, _VERBOSE
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     handler.setLevel(logging.DEBUG if verbose else logging.INFO)
+    _LOG_FILE, _VERBOSE = handler, verbose
     root = logging.getLogger()
     root.addHandler(handler)
     logging.captureWarnings(True)  # MLflow's and Ray's UserWarnings: into the file, not between stage lines
@@ -130,7 +137,46 @@ def send_logs_to_file(path: Path, verbose: bool = False) -> Path:
             console.setLevel(logging.ERROR)
         for name in CHATTY_LOGGERS:
             logging.getLogger(name).setLevel(logging.INFO)
+    # Ray ("ray", "ray.data") and MLflow ("mlflow") give their loggers console handlers of their own and
+    # stop propagation when they are imported: import them now and route those loggers too
+    import mlflow  # noqa: F401
+    import ray.data  # noqa: F401
+
+    route_library_logs()
     return path
+
+
+def route_library_logs() -> None:
+    """Loggers that do not propagate to the root (Ray's, Ray Data's, MLflow's) also write to the run's log
+    file, and their own console handlers show errors only (unless verbose). Called again when a library
+    configures its loggers late (idempotent)."""
+    import logging
+
+    if _LOG_FILE is None:
+        return
+    for name in [*CHATTY_LOGGERS, *logging.Logger.manager.loggerDict]:
+        logger = logging.getLogger(name)
+        if not name.startswith(CHATTY_LOGGERS) or logger.propagate or not logger.handlers:
+            continue
+        if _LOG_FILE not in logger.handlers:
+            logger.addHandler(_LOG_FILE)
+        if not _VERBOSE:
+            for console in logger.handlers:
+                if console is not _LOG_FILE and not isinstance(console, logging.FileHandler):
+                    console.setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def stdout_to_log():
+    """What a library prints (not logs) goes to the run's log file: Tune's experiment table and 'View
+    detailed results' lines print unconditionally, even with verbose=0. The pipeline's own progress lines
+    keep the console: its Reporter holds the stream it was given before this redirect."""
+    if _LOG_FILE is None or _VERBOSE:
+        yield
+        return
+    _LOG_FILE.flush()
+    with open(_LOG_FILE.baseFilename, "a") as log, contextlib.redirect_stdout(log):
+        yield
 
 
 def resolve_tracking_uri(configured: str | None, workdir: str) -> tuple[str, str | None]:

@@ -2,7 +2,8 @@
 
 Fast tests: the shard stage end to end (synthetic data -> Parquet shards -> stage record -> MLflow
 parent/child runs) with the skip-on-rerun rule, and a tiny shard -> finetune -> register run whose
-rerun skips every stage; every shipped pipeline config is loaded strictly. Slow test (`-m slow`): the
+rerun skips every stage; every shipped pipeline config is loaded strictly; the default pipeline through
+the CLI at tiny sizes, every stage ok and a quiet console. Slow test (`-m slow`): the
 `vitpose run` command itself with every stage, SIGKILLed during finetune, rerun to a served champion
 that resumed finetune from its checkpoint, then rerun again to skip everything.
 """
@@ -164,6 +165,34 @@ def _tiny_run_command(workdir: Path, *extra: str) -> list[str]:
     for override in [*TINY, *TINY_TRAINING, *extra]:
         command += ["--set", override]
     return command
+
+
+# what Ray, Tune and MLflow print or log when nothing routes it to the log file
+LIBRARY_CHATTER = (" INFO ", " WARNING ", "Configuration for experiment", "View detailed results here",
+                   "Creating initial MLflow database tables", "streaming_executor")
+
+
+def test_vitpose_run_default_pipeline_every_stage_ok_with_a_quiet_console(tmp_path: Path) -> None:
+    """The embedded default (`vitpose run`, local.yaml) at tiny sizes through the CLI: every stage ok, the
+    champion served, and the console shows the stage lines, bars and table only; the chatter of Ray, Tune
+    and MLflow is in the log file the header names."""
+    workdir = tmp_path / "runs"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run(_tiny_run_command(workdir), cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=900)
+    console = done.stdout + done.stderr
+    assert done.returncode == 0, console[-4000:]
+    default_stages = ("shard", "pretrain", "finetune", "tune", "distill", "register", "serve")
+    for index, name in enumerate(default_stages, start=1):
+        assert f"[{index}/{len(default_stages)}] {name:<9} done in" in done.stdout, (name, done.stdout[-3000:])
+    assert "champion     models:/vitpose@champion" in done.stdout and "endpoint     http://127.0.0.1:" in done.stdout
+    noisy = [line for line in console.splitlines() if any(marker in line for marker in LIBRARY_CHATTER)]
+    assert not noisy, noisy[:10]
+    logs = list((workdir / "logs").glob("run-*.log"))
+    assert len(logs) == 1 and str(logs[0]) in done.stdout
+    logged = logs[0].read_text()
+    assert "Creating initial MLflow database tables" in logged and "Configuration for experiment" in logged
 
 
 @pytest.mark.slow
