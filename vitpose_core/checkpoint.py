@@ -55,7 +55,11 @@ class CheckpointError(InvalidInputError):
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain model under DDP/FSDP/compile wrappers (``.module`` / ``._orig_mod``)."""
+    """The plain model under DDP/compile wrappers (``.module`` / ``._orig_mod``).
+
+    An FSDP2 model is its own plain model (``fully_shard`` shards it in place); its parameters are DTensor
+    shards, so its ``state_dict`` is not a full one (``pipelines.training.fsdp.full_state`` gathers that).
+    """
     while True:
         if hasattr(model, "_orig_mod"):
             model = model._orig_mod

@@ -41,8 +41,11 @@ def layer_id(name: str, num_layers: int, backbone_prefix: str = "backbone.") -> 
 
 
 def clean_parameter_name(name: str) -> str:
-    """The plain model's name of a parameter seen through DDP / FSDP / activation-checkpoint wrappers."""
-    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
+    """The plain model's name of a parameter seen through DDP / activation-checkpoint / compile wrappers.
+
+    FSDP2 (``fully_shard``) keeps the plain names: it shards parameters in place, wrapping no module.
+    """
+    for wrapper in ("_checkpoint_wrapped_module.", "_orig_mod."):
         name = name.replace(wrapper, "")
     return name.removeprefix("module.")
 
@@ -63,7 +66,7 @@ def layer_decay_param_groups(
     """AdamW parameter groups: one per (layer, decay / no-decay), each with its own ``lr``.
 
     Args:
-        model: the model, plain or wrapped by DDP / FSDP (``use_orig_params=True``); wrapper
+        model: the model, plain, wrapped by DDP or sharded by FSDP2 (``fully_shard``); wrapper
             prefixes are removed from names before layers are assigned.
         lr: base learning rate (the rate of the last layer, i.e. the head).
         weight_decay: applied to matrices and conv kernels only.

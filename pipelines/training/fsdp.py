@@ -93,7 +93,8 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_st
     if is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
+        # a copy of the mapping: set_state_dict puts this rank's DTensor shards into the dict it is given
+        set_state_dict(model, optimizer, model_state_dict=dict(model_state), optim_state_dict=optim_state,
                        options=StateDictOptions(full_state_dict=True))
     else:
         unwrap_model(model).load_state_dict(model_state)

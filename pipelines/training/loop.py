@@ -1,7 +1,7 @@
 """The per-worker training loop every training stage runs (pretrain, finetune, tune trials, distill).
 
 Short glue around ``vitpose_core.engine.run_epoch``: build the recipe's model, restore the last
-checkpoint, wrap it (DDP or FSDP), stream batches from this worker's Ray Data shard, validate and
+checkpoint, wrap it (DDP or FSDP2), stream batches from this worker's Ray Data shard, validate and
 export on rank 0 after each epoch, and report checkpoints. Checkpoints (every
 ``checkpoint.every_n_steps`` and at each epoch end) hold model, optimiser, scheduler, the
 ``TrainProgress``, the torch RNG and the MLflow run id; rank 0 writes them, every rank calls
@@ -25,7 +25,7 @@ from torch import nn
 from pipelines import storage
 from pipelines.config import config_hash
 from pipelines.tracking import Tracker
-from pipelines.training.fsdp import full_state, is_fsdp, load_optimizer_state, wrap_model
+from pipelines.training.fsdp import full_state, is_fsdp, load_full_state, wrap_model
 from pipelines.training.recipe import TrainingRecipe, schedule_steps, steps_per_epoch
 from vitpose_core.checkpoint import unwrap_model
 from vitpose_core.engine import EngineConfig, StepResult, run_epoch
@@ -80,8 +80,6 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = recipe.build_model(config)
     state = read_train_state(ray.train.get_checkpoint())
-    if state is not None:
-        model.load_state_dict(state["model"])
     model = wrap_model(model, config.scaling, device)
     optimizer = build_adamw(model, config.optim.lr, config.optim.weight_decay, config.optim.layer_decay_for(config),
                             config.optim.betas, backbone_prefix=recipe.backbone_prefix)
@@ -89,7 +87,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                                 config.schedule.kind, milestones, config.schedule.gamma, config.schedule.min_ratio)
     progress = TrainProgress()
     if state is not None:
-        load_optimizer_state(model, optimizer, state["optimizer"])
+        load_full_state(model, optimizer, state["model"], state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         progress = TrainProgress(**state["progress"])
@@ -159,7 +157,7 @@ def _plain_model(recipe: TrainingRecipe, config: Any, model: nn.Module, model_st
                  device: torch.device) -> nn.Module:
     """Rank 0's model for validation and export: the unwrapped model, or an unsharded copy under FSDP.
 
-    An FSDP model cannot run a forward on one rank alone (every layer all-gathers its shards from all
+    An FSDP model cannot run a forward on one rank alone (every block all-gathers its shards from all
     ranks), so rank-0 validation works on a plain model built from the gathered full state instead.
     """
     if not is_fsdp(model):

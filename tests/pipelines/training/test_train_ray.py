@@ -90,8 +90,8 @@ def test_two_worker_finetune_tracks_to_mlflow_and_rerun_resumes(tiny_shards, tmp
 
 
 def test_fsdp_two_workers_validates_exports_and_resumes_on_cpu(tiny_shards, tmp_path):
-    """The sharded path (ViTPose-H/G on GPUs) over gloo: rank-0 validation of the gathered model, the
-    export, and a resume that re-shards the saved full optimiser state."""
+    """The sharded path (FSDP2; ViTPose-H/G on GPUs) over gloo: rank-0 validation of the gathered model, the
+    export, and a resume that loads the saved full state into the sharded model and optimiser."""
     import torch
 
     from pipelines.training.loop import read_train_state
@@ -113,6 +113,11 @@ def test_fsdp_two_workers_validates_exports_and_resumes_on_cpu(tiny_shards, tmp_
     assert all(isinstance(name, str) for name in optim_state)
     pos_embed = optim_state["backbone.pos_embed"]["exp_avg"]
     assert pos_embed.shape == exported.backbone.pos_embed.shape and pos_embed.abs().sum() > 0
+    # the AP rank 0 validated on its unsharded copy is what `vitpose eval` gets from the export
+    eval_out = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(tmp_path / "ft-fsdp" / "finetune_export"), "--shards", tiny_shards,
+                 "--batch-size", "16", "--output", str(eval_out)]) == 0
+    assert json.loads(eval_out.read_text())["metrics"]["AP"] == first.metrics["val_AP"]
 
     # a longer schedule on the same run: resumes at the saved step and trains the second epoch
     second = fit(FINETUNE, finetune_config(tiny_shards, tmp_path, **{**overrides, "schedule.epochs": 2}),
