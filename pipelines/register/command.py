@@ -3,6 +3,7 @@ best candidate, and move the alias to it only if it beats the champion.
 
     vitpose register --checkpoint finetune=DIR_OR_URI [--checkpoint tune=...] --shards DIR_OR_URI
                      [--model-name vitpose] [--alias champion] [--tracking-uri URI] [--set scoring.eval.flip_test=false]
+                     [--detections val_detections.json]   # also: the champion's AP with these boxes vs ground truth
 
 The config file (optional) is the register stage's section (`pipelines.register.config.RegisterConfig`).
 Inside `vitpose run` this is the register stage; tune and distill never register on their own.
@@ -24,6 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--shards", help="the shard stage output whose val split scores every model")
     parser.add_argument("--model-name", help="registered model name (default: vitpose)")
     parser.add_argument("--alias", help="alias the winner gets (default: champion)")
+    parser.add_argument("--detections", help="COCO detection results on the val images (the detect stage's "
+                        "val_detections.json): also report the champion's pose AP with them and with ground-truth boxes")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else "
                                                "./vitpose_runs/mlflow.db)")
     parser.set_defaults(func=run)
@@ -43,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
         data.setdefault("checkpoints", {})[name] = uri
     if args.shards:
         data.setdefault("scoring", {}).setdefault("data", {})["shards"] = args.shards
-    for key, value in (("model_name", args.model_name), ("alias", args.alias), ("tracking_uri", args.tracking_uri)):
+    for key, value in (("model_name", args.model_name), ("alias", args.alias), ("tracking_uri", args.tracking_uri),
+                       ("detections", args.detections)):
         if value:
             data[key] = value
     data.setdefault("scoring", {}).setdefault("tracking", {})["enabled"] = False
