@@ -124,6 +124,11 @@ def send_logs_to_file(path: Path, verbose: bool = False) -> Path:
     import logging
 
     global _LOG_FILE, _VERBOSE
+    if _LOG_FILE is not None:  # a second command in the same process (tests): the earlier file stops here
+        for logger in [logging.getLogger(), *map(logging.getLogger, logging.Logger.manager.loggerDict)]:
+            if _LOG_FILE in logger.handlers:
+                logger.removeHandler(_LOG_FILE)
+        _LOG_FILE.close()
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
