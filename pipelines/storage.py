@@ -180,15 +180,7 @@ def exists(uri: str | Path, filesystem: pafs.FileSystem | None = None) -> bool:
 
 def list_files(uri: str | Path, suffix: str = "", recursive: bool = False) -> list[str]:
     """Sorted URIs of the files under directory `uri` whose names end with `suffix` ([] if none)."""
-    base = normalize(uri)
-    fs, path = filesystem_and_path(base)
-    with _s3_errors(base):
-        if fs.get_file_info(path).type != pafs.FileType.Directory:
-            return []
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive))
-    names = sorted(posixpath.relpath(i.path, path) for i in infos
-                   if i.type == pafs.FileType.File and i.path.endswith(suffix))
-    return [join(base, name) for name in names]
+    return [file_uri for file_uri, _, _ in list_file_infos(uri, recursive) if file_uri.endswith(suffix)]
 
 
 def list_file_infos(uri: str | Path, recursive: bool = False) -> list[tuple[str, int, int]]:
