@@ -6,6 +6,7 @@ import io
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from paths import REPO_ROOT
 from PIL import Image
@@ -82,5 +83,9 @@ def test_detector_helpers_and_batch_size():
     with pytest.raises(ValueError, match="cannot import"):
         import_detector_class("pipelines.serve.detector:Nope")
     assert count_crops([(np.zeros((3, 3, 8, 8)), None), (np.zeros((5, 3, 8, 8)), None)]) == 8
-    assert select_dtype("fp32", "cuda") == "fp32" and select_dtype("auto", "cuda") == "bf16"
-    assert select_dtype("auto", "cpu") in {"bf16", "fp32"}
+    # "auto": bf16 only where native (a CUDA GPU with bf16; a CPU with AVX512-BF16/AMX), the engine's rule
+    from vitpose_core.inference import cpu_has_native_bf16
+
+    cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    assert select_dtype("fp32", "cuda") == "fp32" and select_dtype("auto", "cuda") == ("bf16" if cuda_bf16 else "fp32")
+    assert select_dtype("auto", "cpu") == ("bf16" if cpu_has_native_bf16() else "fp32")
