@@ -40,7 +40,6 @@ import json, os, sys
 import boto3, mlflow, ray
 from mlflow.tracking import MlflowClient
 import probe_helpers
-from paths import REPO_ROOT
 
 ray.init()
 cwd = os.getcwd()  # raises FileNotFoundError if ray.init() removed the job's working dir

@@ -54,7 +54,6 @@ def store(tmp_path):
 
 DEAD_TRAIN_ATTEMPT = """
 from pipelines.tracking import Tracker
-from paths import REPO_ROOT
 tracker = Tracker(values["settings"], active=True)
 run_id = tracker.start(None, run_name="finetune-abc", output=values["output"])
 tracker.log_metrics({"train_loss": 1.0}, step=1)
