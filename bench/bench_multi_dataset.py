@@ -106,7 +106,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200, help="S: optimiser steps of the shared run")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--input-size", type=int, nargs=2, default=list(INPUT_SIZE), metavar=("W", "H"))
+    parser.add_argument("--input-size", type=int, nargs=2, default=[96, 128], metavar=("W", "H"))
     parser.add_argument("--train-images", type=int, default=120)
     parser.add_argument("--val-images", type=int, default=30)
     parser.add_argument("--skip-separate-full", action="store_true",
