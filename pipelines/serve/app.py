@@ -51,6 +51,8 @@ from pipelines.serve.schemas import (
 )
 
 logger = logging.getLogger("ray.serve")
+# how long a request retries while replicas are on two model versions (a promotion in progress)
+PROMOTION_RETRY_S = 15.0
 
 api = FastAPI(title="ViTPose on Ray", version="1", description="Top-down human pose estimation. "
               "POST an image (and optionally person boxes) to /v1/pose; errors are JSON {\"error\": ...}.")
@@ -289,9 +291,15 @@ class PoseIngress:
 
         During a promotion a request can meet a replica whose model has another input size than the
         crops were cut for, or (over several calls) replicas on two versions: it is cut again with
-        the model info as it is now, so every response comes from one version.
+        the model info as it is now, so every response comes from one version. Replicas pick up a new
+        version each on its own watch tick, so two versions can coexist for seconds on a loaded node: the
+        request keeps retrying for up to PROMOTION_RETRY_S (with 3 quick tries, 2 of 165 requests got 503
+        under load) before it answers 503 + Retry-After.
         """
-        for attempt in range(3):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + PROMOTION_RETRY_S
+        attempt = 0
+        while True:
             results = await self._keypoints_once(image, boxes, info)
             if results is not None:
                 identities = {(result["name"], result["version"]) for result in results}
@@ -302,8 +310,11 @@ class PoseIngress:
                     identity = {"name": results[0]["name"], "version": results[0]["version"]} if results \
                         else {"name": info["name"], "version": info["version"]}
                     return keypoints, identity
-            if attempt < 2:
-                info = await self.model_info(fresh=True)
+            if loop.time() >= deadline:
+                break
+            await asyncio.sleep(min(0.05 * 2 ** attempt, 1.0))  # let the other replica finish its swap
+            attempt += 1
+            info = await self.model_info(fresh=True)
         raise RequestError(503, "the model is being replaced, retry", self.config.retry_after_s)
 
     async def _keypoints_once(self, image: np.ndarray, boxes: np.ndarray, info: dict[str, Any]

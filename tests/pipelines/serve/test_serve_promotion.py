@@ -111,7 +111,10 @@ def test_moving_the_champion_alias_under_load_fails_no_request(ray_local, store,
         for thread in threads:
             thread.start()
         try:
-            time.sleep(4)
+            # the load is on v1 first: at least 3 answers (a fixed sleep saw none on a loaded box)
+            ready_by = time.monotonic() + 120
+            while sum(version == "1" for _, version, _ in outcomes) < 3 and time.monotonic() < ready_by:
+                time.sleep(0.5)
             before = len(outcomes)
             promoted_at = time.monotonic()
             registry.set_alias(MODEL, "champion", "2", tracking_uri)
