@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from square_batches import square_batch
 
 from vitpose_core.codec import UDPHeatmapCodec
 from vitpose_core.engine import (
@@ -25,21 +26,7 @@ IMG = (64, 48)  # (H, W): a 4x3 token grid, 16x12 heatmaps
 def make_batches(num_batches: int, batch_size: int = 4, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     """Images with a bright square where keypoint 0's Gaussian target is: learnable in a few steps."""
     rng = np.random.default_rng(seed)
-    codec = UDPHeatmapCodec(input_size=(IMG[1], IMG[0]), sigma=2.0)
-    batches = []
-    for _ in range(num_batches):
-        images = np.zeros((batch_size, 3, *IMG), np.float32)
-        targets, weights = [], []
-        for i in range(batch_size):
-            keypoints = rng.uniform([6, 6], [IMG[1] - 6, IMG[0] - 6], size=(17, 2))
-            x, y = keypoints[0].astype(int)
-            images[i, :, y - 3:y + 4, x - 3:x + 4] = 2.0
-            heatmaps, weight = codec.encode(keypoints, np.full(17, 2))
-            targets.append(heatmaps)
-            weights.append(weight)
-        batches.append({"image": torch.from_numpy(images), "target": torch.from_numpy(np.stack(targets)),
-                        "target_weight": torch.from_numpy(np.stack(weights))})
-    return batches
+    return [square_batch(batch_size, IMG, rng) for _ in range(num_batches)]
 
 
 def test_train_step_reduces_loss_with_bf16_and_clipping():

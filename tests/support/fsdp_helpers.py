@@ -25,10 +25,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from square_batches import square_batch
 
 from pipelines.training.fsdp import full_state, load_full_state, shard_model
 from pipelines.training.sections import FSDPSection
-from vitpose_core.codec import UDPHeatmapCodec
 from vitpose_core.engine import EngineConfig, FinetuneTask, train_step
 from vitpose_core.models import build_model
 from vitpose_core.optim import build_adamw
@@ -55,21 +55,7 @@ class RunSpec:
 
 def global_batch(spec: RunSpec, world_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """Images with a bright square where keypoint 0's Gaussian target is: learnable in a few steps."""
-    height, width = spec.img_size
-    rng = np.random.default_rng(seed)
-    codec = UDPHeatmapCodec(input_size=(width, height), sigma=2.0)
-    size = spec.batch_per_rank * world_size
-    images = np.zeros((size, 3, height, width), np.float32)
-    targets, weights = [], []
-    for i in range(size):
-        keypoints = rng.uniform([6, 6], [width - 6, height - 6], size=(17, 2))
-        x, y = keypoints[0].astype(int)
-        images[i, :, y - 3:y + 4, x - 3:x + 4] = 2.0
-        heatmaps, weight = codec.encode(keypoints, np.full(17, 2))
-        targets.append(heatmaps)
-        weights.append(weight)
-    return {"image": torch.from_numpy(images), "target": torch.from_numpy(np.stack(targets)),
-            "target_weight": torch.from_numpy(np.stack(weights))}
+    return square_batch(spec.batch_per_rank * world_size, spec.img_size, np.random.default_rng(seed))
 
 
 def spawn_ranks(world_size: int, device_type: str, spec: RunSpec, out_dir: Path) -> dict[str, Any]:

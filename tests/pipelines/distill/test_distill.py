@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_synthetic_shards
+from square_batches import square_batch
 
-from vitpose_core.codec import UDPHeatmapCodec
 from vitpose_core.distill import (
     DistillTask,
     TokenStudent,
@@ -29,19 +29,7 @@ FP32 = EngineConfig(precision="fp32", max_grad_norm=1.0)
 
 def make_batch(batch_size: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
     """Bright squares at keypoint 0 with its UDP Gaussian target (learnable in a few steps)."""
-    rng = np.random.default_rng(seed)
-    codec = UDPHeatmapCodec(input_size=(IMG[1], IMG[0]), sigma=2.0)
-    images = np.zeros((batch_size, 3, *IMG), np.float32)
-    targets, weights = [], []
-    for i in range(batch_size):
-        keypoints = rng.uniform([6, 6], [IMG[1] - 6, IMG[0] - 6], size=(17, 2))
-        x, y = keypoints[0].astype(int)
-        images[i, :, y - 3:y + 4, x - 3:x + 4] = 2.0
-        heatmaps, weight = codec.encode(keypoints, np.full(17, 2))
-        targets.append(heatmaps)
-        weights.append(weight)
-    return {"image": torch.from_numpy(images), "target": torch.from_numpy(np.stack(targets)),
-            "target_weight": torch.from_numpy(np.stack(weights))}
+    return square_batch(batch_size, IMG, np.random.default_rng(seed))
 
 
 def tiny(width: int = 192, depth: int = 2, **overrides):
