@@ -84,6 +84,7 @@ def s3_max_attempts() -> int:
 
 
 _AWS_ERROR = re.compile(r"AWS Error (\w+)")
+_HTTP_STATUS = re.compile(r"HTTP status (\d{3})")
 _HINTS = {  # AWS SDK error code -> what it means here
     "NETWORK_CONNECTION": "the S3 endpoint is unreachable (check AWS_ENDPOINT_URL and the network)",
     "ACCESS_DENIED": "access denied (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket policy)",
@@ -115,6 +116,10 @@ def _s3_errors(uri: str | Path) -> Iterator[None]:
         if code in ("NO_SUCH_KEY", "RESOURCE_NOT_FOUND"):
             raise FileNotFoundError(f"no such file: {uri}") from None
         hint = _HINTS.get(code, "the S3 request failed")
+        status = _HTTP_STATUS.search(text)
+        if code == "UNKNOWN" and status and status.group(1) in ("429", "500", "502", "503", "504"):
+            # a HEAD answer has no body, so the SDK cannot read an error code out of a throttled HEAD
+            hint = f"the endpoint kept answering HTTP {status.group(1)} (throttled or unavailable)"
         # no attempt count here: in a Ray task the filesystem came pickled from the driver, with its settings
         raise StorageError(f"{uri}: {hint}; {code} after the S3 client's retries with backoff: {text}") from None
 

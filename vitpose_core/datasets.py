@@ -58,6 +58,7 @@ SKIP_REASONS: dict[str, str] = {
     "missing_image": "the image file does not exist",
     "unreadable_image": "the image file exists but could not be read",
     "undecodable_image": "the image bytes are not a decodable image, or are truncated",
+    "image_too_large": "the image header claims more pixels than a dataset image may have (not decoded)",
     "image_size_mismatch": "the decoded image size differs from the annotation's width / height",
     "processing_error": "cutting or encoding the crop failed (the detail names the error)",
 }

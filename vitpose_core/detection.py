@@ -187,9 +187,18 @@ def read_person_boxes(annotations: str | Path | dict, images_dir: str | Path, ca
 
 
 def read_image_rgb(path: str | Path) -> np.ndarray:
-    """RGB uint8 [H, W, 3] of an image file; a FileNotFoundError naming it when unreadable."""
+    """RGB uint8 [H, W, 3] of an image file; a FileNotFoundError naming it when unreadable, an
+    ImageTooLargeError naming it, before decoding, when its header claims more than a dataset image's limit."""
     import cv2
 
+    from .image_io import DATASET_MAX_IMAGE_PIXELS, ImageTooLargeError, image_size_from_header
+
+    try:
+        image_size_from_header(path, DATASET_MAX_IMAGE_PIXELS)
+    except ImageTooLargeError:
+        raise
+    except (ValueError, OSError):  # not readable by PIL: cv2 below decides, as it always has
+        pass
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
         raise FileNotFoundError(f"cannot read image {path}")

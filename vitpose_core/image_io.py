@@ -19,6 +19,13 @@ logger = logging.getLogger(__name__)
 
 MAX_IMAGE_PIXELS = 4096 * 4096
 MAX_IMAGE_SIDE = 16384  # OpenCV's warps need sides < 32767
+# Images of a dataset (the shard and detect stages) may be high-resolution photos: a larger limit than a
+# request's, still far below what a hostile header claims; one image at a time is 192 MB as BGR
+DATASET_MAX_IMAGE_PIXELS = 8192 * 8192
+
+
+class ImageTooLargeError(InvalidInputError):
+    """An image whose header claims more pixels (or a longer side) than the limits allow."""
 
 
 def image_size_from_header(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS,
@@ -38,13 +45,13 @@ def image_size_from_header(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS,
     except Image.DecompressionBombError as error:  # PIL's own header check, at twice its MAX_IMAGE_PIXELS
         claimed = re.search(r"\((\d+) pixels\)", str(error))
         pixels = claimed.group(1) if claimed else f"more than {max_pixels}"
-        raise InvalidInputError(f"image {path} has {pixels} pixels; the limit is {max_pixels}") from None
+        raise ImageTooLargeError(f"image {path} has {pixels} pixels; the limit is {max_pixels}") from None
     except Exception:  # UnidentifiedImageError, SyntaxError, struct.error ... on junk headers
         raise InvalidInputError(f"cannot read image {path}: not a decodable image (JPEG, PNG, WebP, BMP ...)") from None
     if width < 1 or height < 1:
         raise InvalidInputError(f"image {path} has no pixels ({width}x{height})")
     if width * height > max_pixels or max(width, height) > max_side:
-        raise InvalidInputError(f"image {path} is {width}x{height} = {width * height} pixels; the limit is "
+        raise ImageTooLargeError(f"image {path} is {width}x{height} = {width * height} pixels; the limit is "
                                 f"{max_pixels} pixels and {max_side} per side")
     return width, height
 
@@ -64,10 +71,10 @@ def read_image_rgb(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS, max_sid
     return cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
 
 
-def decode_image_rgb(data: bytes, name: str, max_pixels: int = MAX_IMAGE_PIXELS,
-                     max_side: int = MAX_IMAGE_SIDE) -> np.ndarray:
-    """RGB uint8 [H, W, 3] of an encoded image (bytes read from a file or S3), checked as `read_image_rgb`
-    checks a file: size from the header first, then OpenCV's decoder. Errors are InvalidInputErrors naming `name`."""
+def image_size_from_bytes(data: bytes, name: str, max_pixels: int = MAX_IMAGE_PIXELS,
+                          max_side: int = MAX_IMAGE_SIDE) -> tuple[int, int]:
+    """(width, height) of an encoded image (bytes read from a file or S3) from its header only, checked as
+    `image_size_from_header` checks a file. Errors are InvalidInputErrors naming `name`."""
     import io
 
     from PIL import Image
@@ -75,13 +82,25 @@ def decode_image_rgb(data: bytes, name: str, max_pixels: int = MAX_IMAGE_PIXELS,
     try:
         with Image.open(io.BytesIO(data)) as header:
             width, height = header.size
-    except Image.DecompressionBombError:
-        raise InvalidInputError(f"image {name} has more than {max_pixels} pixels") from None
+    except Image.DecompressionBombError as error:
+        claimed = re.search(r"\((\d+) pixels\)", str(error))
+        pixels = claimed.group(1) if claimed else f"more than {max_pixels}"
+        raise ImageTooLargeError(f"image {name} has {pixels} pixels; the limit is {max_pixels}") from None
     except Exception:
         raise InvalidInputError(f"cannot read image {name}: not a decodable image (JPEG, PNG, WebP, BMP ...)") from None
-    if width < 1 or height < 1 or width * height > max_pixels or max(width, height) > max_side:
-        raise InvalidInputError(f"image {name} is {width}x{height}; the limit is {max_pixels} pixels and "
-                                f"{max_side} per side")
+    if width < 1 or height < 1:
+        raise InvalidInputError(f"image {name} has no pixels ({width}x{height})")
+    if width * height > max_pixels or max(width, height) > max_side:
+        raise ImageTooLargeError(f"image {name} is {width}x{height} = {width * height} pixels; the limit is "
+                                 f"{max_pixels} pixels and {max_side} per side")
+    return width, height
+
+
+def decode_image_rgb(data: bytes, name: str, max_pixels: int = MAX_IMAGE_PIXELS,
+                     max_side: int = MAX_IMAGE_SIDE) -> np.ndarray:
+    """RGB uint8 [H, W, 3] of an encoded image (bytes read from a file or S3), checked as `read_image_rgb`
+    checks a file: size from the header first, then OpenCV's decoder. Errors are InvalidInputErrors naming `name`."""
+    image_size_from_bytes(data, name, max_pixels, max_side)
     import cv2
 
     image_bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)

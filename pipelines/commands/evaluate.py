@@ -100,21 +100,25 @@ def _predict_results(args: argparse.Namespace, ground_truth, keypoint_set) -> li
     from vitpose_core import load_model
     from vitpose_core.errors import InvalidInputError
     from vitpose_core.evaluation import ground_truth_boxes, load_detections, rescore_and_nms
+    from vitpose_core.image_io import image_size_from_header
     from vitpose_core.inference import TopDownPredictor, predict_dataset, resolve_device
 
     if args.images is None or not args.images.is_dir():
         raise ValueError(f"--checkpoint needs --images pointing at a directory, got {args.images}")
     if not args.checkpoint.exists():
         raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
-    model = load_model(args.checkpoint, dataset=args.dataset).to(resolve_device(args.device))
-    if model.config.num_keypoints != keypoint_set.num_keypoints:
-        raise ValueError(f"the checkpoint predicts {model.config.num_keypoints} keypoints but the annotations "
-                         f"use {keypoint_set.name!r} ({keypoint_set.num_keypoints})")
     if args.detections is not None:
         boxes = load_detections(args.detections, args.det_score_thr, image_ids=ground_truth.getImgIds())
     else:
         boxes = ground_truth_boxes(ground_truth)
     image_paths = {image_id: args.images / info["file_name"] for image_id, info in ground_truth.imgs.items()}
+    for image_id, items in boxes.items():  # a missing, junk or oversized image fails now, not after minutes
+        if items:
+            image_size_from_header(image_paths[image_id])
+    model = load_model(args.checkpoint, dataset=args.dataset).to(resolve_device(args.device))
+    if model.config.num_keypoints != keypoint_set.num_keypoints:
+        raise ValueError(f"the checkpoint predicts {model.config.num_keypoints} keypoints but the annotations "
+                         f"use {keypoint_set.name!r} ({keypoint_set.num_keypoints})")
     predictor = TopDownPredictor(model, keypoint_set, flip_test=bool(args.flip_test), batch_size=args.batch_size)
     start = time.perf_counter()
     predictions = predict_dataset(predictor, image_paths, boxes)

@@ -32,6 +32,7 @@ from vitpose_core.geometry import (
     udp_warp_matrix,
     warp_image,
 )
+from vitpose_core.image_io import DATASET_MAX_IMAGE_PIXELS, ImageTooLargeError, image_size_from_bytes
 
 
 class CropConfig(StrictConfig):
@@ -115,6 +116,13 @@ def _read_image(uri: str, s3_fs: pafs.FileSystem | None) -> tuple[np.ndarray | N
     except OSError as error:
         return None, "unreadable_image", f"{uri}: {error}"
     problem = image_bytes_problem(data)
+    if not problem:
+        try:  # the pixel count from the header, before decoding: a 107 KB PNG can claim 30000 x 30000 pixels
+            image_size_from_bytes(data, uri, DATASET_MAX_IMAGE_PIXELS)
+        except ImageTooLargeError as error:
+            return None, "image_too_large", str(error)
+        except ValueError:  # a header PIL cannot read: cv2's decoder has the last word, as before
+            pass
     image = None if problem else cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if image is None:
         return None, "undecodable_image", f"{uri}: {problem or 'cv2 cannot decode it'}"

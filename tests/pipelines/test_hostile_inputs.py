@@ -567,3 +567,80 @@ def test_hostile_numbers_survive_a_round_trip_only_as_strict_json(tmp_path):
     with pytest.raises(InvalidInputError, match=f"{path} is not strict JSON: non-standard JSON constant Infinity"):
         read_json_file(path, "test")
     assert read_json_file(write_json(tmp_path / "ok.json", {"x": np.float64(1.5).item()}), "test") == {"x": 1.5}
+
+
+def test_throttling_is_retried_with_backoff_then_fails_naming_the_uri(s3_server, s3_env):
+    """A real moto server behind a front that answers 503 SlowDown: a short burst is ridden out by the S3
+    client's retries (with backoff), a lasting one fails naming the URI, never as a missing or empty file."""
+    import boto3
+    from s3_faults import throttling_proxy
+
+    from pipelines import storage
+
+    boto3.client("s3", endpoint_url=s3_server).put_object(Bucket="vitpose-test", Key="throttled/a.json",
+                                                           Body=b'{"a": 1}')
+    with throttling_proxy(s3_server) as (endpoint, throttle):
+        s3_env(endpoint, attempts=5)
+        throttle.remaining = 2
+        assert storage.read_bytes("s3://vitpose-test/throttled/a.json") == b'{"a": 1}'
+        arrivals = [t for t, _, _ in throttle.seen]
+        assert len(arrivals) >= 3 and arrivals[2] - arrivals[1] > 0.01  # retried, with a pause
+        for attempts, operation, message in [
+                (3, lambda: storage.read_bytes("s3://vitpose-test/throttled/a.json"),
+                 r"s3://vitpose-test/throttled/a.json: the endpoint kept answering HTTP 503 \(throttled or unavailable\)"),
+                (2, lambda: storage.list_files("s3://vitpose-test/throttled"),
+                 r"s3://vitpose-test/throttled: the endpoint kept answering HTTP 503")]:
+            s3_env(endpoint, attempts=attempts)
+            throttle.remaining, throttle.seen[:] = 1000, []
+            with pytest.raises(StorageError, match=message):
+                operation()
+            assert len(throttle.seen) == attempts  # every attempt reached the endpoint, then it gave up
+
+
+def measured_cli(*argv, timeout: float = 120) -> tuple[int, float, int, str]:
+    """(exit code, seconds, peak RSS in KB, stderr) of `vitpose argv` in a fresh process (its own peak RSS:
+    VmHWM), the imports timed apart: they are not the check."""
+    script = ("import sys, time\nimport cv2, PIL.Image, torch, pipelines.commands.evaluate, pipelines.commands.predict\n"
+              "import vitpose_core.evaluation, vitpose_core.inference\n"
+              "from pipelines.cli import main\nstart = time.perf_counter()\n"
+              f"code = main({[str(a) for a in argv]!r})\n"
+              "peak = next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]\n"
+              "print(code, time.perf_counter() - start, peak)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=timeout)
+    code, seconds, peak_kb = done.stdout.split()[-3:]
+    return int(code), float(seconds), int(peak_kb), done.stderr
+
+
+def test_png_bomb_among_eval_images_is_refused_from_the_header(tmp_path, coco, tiny_checkpoint):
+    """`vitpose eval --images` applies the CLI's image limits too (the header is read before decoding)."""
+    bomb = png_bomb(tmp_path / "bomb.png")
+    ground_truth = json.loads((coco / "test_coco.json").read_text())
+    ground_truth["images"] = [{"id": 1, "file_name": "bomb.png", "width": 30000, "height": 30000}]
+    ground_truth["annotations"] = [{**ground_truth["annotations"][0], "image_id": 1}]
+    annotations = write_json(tmp_path / "gt.json", ground_truth)
+    code, seconds, peak_kb, err = measured_cli("eval", "--checkpoint", tiny_checkpoint, "--annotations", annotations,
+                                               "--images", tmp_path)
+    assert code == 2 and f"vitpose eval: error: image {bomb} has 900000000 pixels; the limit is 16777216" in err
+    assert seconds < 5 and peak_kb < 1024 * 1024, (seconds, peak_kb)  # decoded: 2.7 GB, tens of seconds
+
+
+def test_png_bomb_in_a_dataset_is_skipped_or_refused_before_decoding(tmp_path):
+    """The shard stage records a bombed image as a skip with its reason (its people are counted, not decoded);
+    the detect stage's reader and offline inference's decoder refuse it naming it."""
+    bomb = png_bomb(tmp_path / "bomb.png")
+    script = ("import time\nfrom pipelines.shard import crops\nfrom vitpose_core import detection, image_io\n"
+              "start = time.perf_counter()\n"
+              f"image, reason, detail = crops._read_image({str(bomb)!r}, None)\n"
+              "errors = []\n"
+              f"for read in (lambda: detection.read_image_rgb({str(bomb)!r}),\n"
+              f"             lambda: image_io.decode_image_rgb(open({str(bomb)!r}, 'rb').read(), 's3://b/bomb.png')):\n"
+              "    try:\n        read()\n    except image_io.ImageTooLargeError as error:\n        errors.append(str(error))\n"
+              "peak = next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]\n"
+              "print(repr((image, reason, detail, errors, time.perf_counter() - start, int(peak))))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
+    image, reason, detail, errors, seconds, peak_kb = eval(done.stdout.strip().splitlines()[-1])  # noqa: S307
+    assert image is None and reason == "image_too_large" and detail == f"image {bomb} has 900000000 pixels; " \
+        "the limit is 67108864"
+    assert errors == [f"image {bomb} has 900000000 pixels; the limit is 67108864",
+                      "image s3://b/bomb.png has 900000000 pixels; the limit is 16777216"]
+    assert seconds < 1.0 and peak_kb < 1024 * 1024, (seconds, peak_kb)  # imports ~600 MB; decoded: 2.7 GB more
