@@ -31,6 +31,8 @@ set `keypoints` names (AIC rows are then mapped onto COCO's limbs for `coco`). A
 from __future__ import annotations
 
 import json
+import queue
+import threading
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -397,3 +399,74 @@ def iter_pose_batches(source: Any, config: StreamConfig, *, batch_size: int, see
         if table.num_rows == 0:
             continue
         yield {k: torch.from_numpy(v) for k, v in transform(table).items()}
+
+
+
+_PREFETCH_DONE = object()
+
+
+class prefetch(Iterator):  # noqa: N801 - used like a generator function: `for batch in prefetch(batches)`
+    """Iterate ``items`` on a background thread, up to ``depth`` items ahead of the consumer.
+
+    A training step spends its time in torch kernels and the stream its time in JPEG decodes and
+    cv2 warps; both release the GIL, so producing the next batches while the current one trains
+    overlaps the two. Order is kept, so a seeded stream yields the same batches as without
+    prefetching; an exception in the producer is raised in the consumer. ``close()`` (or dropping
+    the last reference, e.g. after ``islice`` took what it needed) stops the thread without reading
+    further; the thread holds no reference to this object, so garbage collection reaches it.
+    """
+
+    def __init__(self, items: Iterable[Any], depth: int = 2) -> None:
+        if depth < 1:
+            raise ValueError(f"prefetch depth must be >= 1, got {depth}")
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._finished = False
+        self._thread = threading.Thread(target=_produce, args=(iter(items), self._queue, self._stop),
+                                        name="prefetch", daemon=True)
+        self._thread.start()
+
+    def __next__(self) -> Any:
+        if self._finished:
+            raise StopIteration
+        item, error = self._queue.get()
+        if item is _PREFETCH_DONE:
+            self._finished = True
+            self._thread.join()
+            if error is not None:
+                raise error
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        """Stop the producer (it finishes the item in hand) and wait for its thread."""
+        self._finished = True
+        self._stop.set()
+        self._thread.join()
+
+    def __del__(self) -> None:
+        if hasattr(self, "_thread"):
+            self.close()
+
+
+def _produce(items: Iterator[Any], out: queue.Queue, stop: threading.Event) -> None:
+    def put(entry: tuple[Any, BaseException | None]) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    try:
+        for item in items:
+            if not put((item, None)):
+                return
+        put((_PREFETCH_DONE, None))
+    except BaseException as error:  # noqa: BLE001 - handed to the consumer, who raises it
+        put((_PREFETCH_DONE, error))
+    finally:
+        close = getattr(items, "close", None)
+        if close is not None:
+            close()

@@ -21,6 +21,8 @@ class EvalSection(StrictConfig):
     batch_size: int = Field(64, ge=1)
     max_instances: int | None = Field(None, ge=1, description="cap on val crops per evaluation (fast smoke runs)")
     num_visualized: int = Field(16, ge=0, description="val crops drawn into the predictions PNG")
+    every_n_epochs: int = Field(1, ge=1, description="validate (and export the best) after every n-th epoch and "
+                                "after the last; short epochs on small data need not each pay for validation")
 
 
 class DatasetMix(StrictConfig):

@@ -63,7 +63,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
     import ray.train.torch
 
-    from pipelines.data import iter_pose_batches, shard_keypoint_sets
+    from pipelines.data import iter_pose_batches, prefetch, shard_keypoint_sets
 
     setup: LoopConfig = loop_config["setup"]
     recipe, config = setup.recipe, setup.config
@@ -72,6 +72,8 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     if config.data.batch_size % world:
         raise ValueError(f"data.batch_size {config.data.batch_size} is not divisible by {world} workers")
     device = ray.train.torch.get_device()
+    if config.scaling.torch_threads is not None:  # else Ray's OMP_NUM_THREADS = the worker's CPUs
+        torch.set_num_threads(config.scaling.torch_threads)
     engine = EngineConfig(device=str(device), precision=config.scaling.precision,
                           max_grad_norm=config.optim.max_grad_norm)
     per_epoch = steps_per_epoch(config, setup.train_rows)
@@ -121,7 +123,9 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                 tracker.log_metrics({"train_loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
                                      "images_per_s": result.samples_per_second * world,
                                      **{f"train_{k}": v for k, v in result.metrics.items()}}, result.step)
-            if result.step % config.checkpoint.every_n_steps == 0:
+            # the epoch's last step is checkpointed by the epoch-end report right after it
+            if result.step % config.checkpoint.every_n_steps == 0 and progress.batch_in_epoch < per_epoch \
+                    and result.step < total_steps:
                 save({"step": result.step, "epoch": progress.epoch, "train_loss": result.loss})
 
         while progress.epoch < config.schedule.epochs and progress.step < total_steps:
@@ -129,18 +133,25 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             batches = iter_pose_batches(shard, stream, batch_size=per_worker_batch, seed=config.seed, epoch=epoch,
                                         rank=rank, drop_last=True, shuffle_buffer=config.data.shuffle_buffer,
                                         **stream_options)
-            # every rank takes the same number of steps, or DDP's all-reduce would wait forever
-            summary = run_epoch(model, recipe.task, islice(batches, per_epoch), optimizer, scheduler, engine,
-                                step=progress.step, skip_batches=progress.batch_in_epoch,
-                                max_steps=total_steps, on_step=on_step)
+            if config.data.prefetch_batches:
+                batches = prefetch(batches, depth=config.data.prefetch_batches)
+            try:
+                # every rank takes the same number of steps, or DDP's all-reduce would wait forever
+                summary = run_epoch(model, recipe.task, islice(batches, per_epoch), optimizer, scheduler, engine,
+                                    step=progress.step, skip_batches=progress.batch_in_epoch,
+                                    max_steps=total_steps, on_step=on_step)
+            finally:
+                if isinstance(batches, prefetch):
+                    batches.close()
             progress.epoch, progress.batch_in_epoch = epoch + 1, 0
             metrics = {"step": progress.step, "epoch": epoch + 1, "train_loss_epoch": summary.mean_loss,
                        "epoch_seconds": summary.seconds}
+            last_epoch = progress.epoch >= config.schedule.epochs or progress.step >= total_steps
             # gathered once per epoch for validation, export and the checkpoint (a collective under FSDP)
             gathered = full_state(model, optimizer)
             if rank == 0:
                 plain = _plain_model(recipe, config, model, gathered[0], device)
-                if recipe.validate is not None:
+                if recipe.validate is not None and validation_due(config, progress.epoch, last_epoch):
                     metrics.update(recipe.validate(plain, config, tracker, epoch + 1))
                 tracker.log_metrics(metrics, progress.step)
                 _maybe_export(recipe, plain, config, setup.output, tracker, progress, metrics)
@@ -151,6 +162,12 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                 "best": progress.best, "mlflow_run_id": progress.mlflow_run_id}
     finally:
         tracker.end(failed=failed)
+
+
+def validation_due(config: Any, epoch: int, last_epoch: bool) -> bool:
+    """Validate after every ``eval.every_n_epochs``-th epoch (counted from 1) and always after the last one."""
+    every = getattr(getattr(config, "eval", None), "every_n_epochs", 1)
+    return last_epoch or epoch % every == 0
 
 
 def _plain_model(recipe: TrainingRecipe, config: Any, model: nn.Module, model_state: dict[str, torch.Tensor],

@@ -72,6 +72,8 @@ class DataSection(StrictConfig):
     val_annotations: str | None = Field(None, description="COCO json of the val split; None: from the manifest")
     batch_size: int = Field(64, ge=1, description="global batch, split evenly over the workers")
     shuffle_buffer: int = Field(1024, ge=1)
+    prefetch_batches: int = Field(2, ge=0, description="batches prepared ahead on a background thread of each "
+                                  "worker (decode, augment, encode overlap the step); 0: in the step's thread")
     stream: StreamConfig = StreamConfig()
 
     @model_validator(mode="after")
@@ -136,6 +138,9 @@ class ScalingSection(StrictConfig):
     use_gpu: bool = False
     cpus_per_worker: float = Field(0.5, gt=0)
     gpus_per_worker: float = Field(1.0, gt=0)
+    torch_threads: int | None = Field(
+        None, ge=1, description="intra-op threads of each worker's torch; None: Ray's default, the worker's CPUs "
+                                "(at least 1). More than its CPUs uses cores Ray has left to other tasks")
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp", description="ddp: replicated model; fsdp: FSDP2, parameters, gradients and optimiser state sharded "
                            "per transformer block (ViTPose-H/G on GPUs; also runs on CPU over gloo)")

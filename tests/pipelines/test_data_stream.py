@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pytest
 import torch
 
-from pipelines.data import IMAGENET_MEAN_RGB, StreamConfig, iter_pose_batches, read_shards
+from pipelines.data import IMAGENET_MEAN_RGB, StreamConfig, iter_pose_batches, prefetch, read_shards
 from pipelines.shard.config import ShardConfig
 from pipelines.shard.run import run_shard, write_synthetic_dataset
 from vitpose_core.codec import UDPHeatmapCodec
@@ -99,6 +100,29 @@ def test_stream_is_seeded_by_seed_epoch_and_rank(shards):
     assert torch.equal(a["image"], b["image"]) and torch.equal(a["ann_id"], b["ann_id"])
     assert not torch.equal(a["crop_to_input"], first(seed=1, epoch=1)["crop_to_input"])
     assert not torch.equal(a["crop_to_input"], first(seed=1, epoch=0, rank=1)["crop_to_input"])
+
+
+def test_prefetched_stream_equals_the_plain_stream_and_stops_cleanly(shards):
+    out, _, _ = shards
+    config = StreamConfig(input_size=(96, 128), keypoints="coco")
+    stream = lambda: iter_pose_batches(out, config, batch_size=4, split="train", seed=3)  # noqa: E731
+    plain, ahead = list(stream()), list(prefetch(stream(), depth=2))
+    assert len(plain) == len(ahead) > 2
+    for a, b in zip(plain, ahead, strict=True):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["target"], b["target"])
+    # a consumer that stops early (islice of an epoch) stops the producer thread, which reads no further
+    threads_before = threading.active_count()
+    reads = []
+    early = prefetch((reads.append(i) or i for i in range(1000)), depth=2)
+    assert [next(early) for _ in range(3)] == [0, 1, 2]
+    early.close()
+    assert len(reads) <= 3 + 2 + 1 and threading.active_count() == threads_before
+    # an error in the stream reaches the consumer
+    def failing():
+        yield 1
+        raise OSError("shard unreadable")
+    with pytest.raises(OSError, match="shard unreadable"):
+        list(prefetch(failing()))
 
 
 def test_aic_rows_join_the_coco_layout_or_keep_their_own(shards):
