@@ -17,10 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
-import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -28,7 +26,7 @@ import torch
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
-from pipelines.data import StreamConfig, iter_pose_batches  # noqa: E402
+from pipelines.data import StreamConfig, iter_pose_batches, prefetch  # noqa: E402
 from vitpose_core.codec import UDPHeatmapCodec  # noqa: E402
 from vitpose_core.engine import (  # noqa: E402
     EngineConfig,
@@ -46,23 +44,6 @@ from vitpose_core.optim import build_adamw, build_scheduler  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 INPUT_SIZE = (96, 128)  # (W, H): an 8x6 token grid, 24x32 heatmaps
-
-
-def prefetch(batches: Iterable, depth: int = 3) -> Iterator:
-    """Produce batches on a background thread: JPEG decode and warps (cv2, GIL released) overlap the step."""
-    buffer: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-
-    def produce() -> None:
-        try:
-            for batch in batches:
-                buffer.put(batch)
-        finally:
-            buffer.put(done)
-
-    threading.Thread(target=produce, daemon=True).start()
-    while (item := buffer.get()) is not done:
-        yield item
 
 
 def train_stream(work: Path, stream: StreamConfig, batch_size: int, seed: int) -> Iterator[dict]:
@@ -121,7 +102,7 @@ def pretrain(args: argparse.Namespace) -> None:
     stream = StreamConfig(input_size=INPUT_SIZE, rotation_prob=0.0, half_body_prob=0.0)  # MAE: crops + flips
     payload = {"stage": "pretrain", "args": vars(args), "load_start": machine_load(), "points": []}
     train_seconds, step = 0.0, 0
-    for batch in prefetch(train_stream(work, stream, args.batch_size, args.seed)):
+    for batch in prefetch(train_stream(work, stream, args.batch_size, args.seed), depth=3):
         result = train_step(mae, PretrainTask(), batch, optimizer, scheduler, engine, step)
         step, train_seconds = result.step, train_seconds + result.seconds
         if step % 10 == 0:
@@ -160,7 +141,7 @@ def finetune(args: argparse.Namespace) -> None:
     payload = {"stage": "finetune", "args": vars(args), "load_start": machine_load(), "points": [], "evals": []}
     train_seconds, step, next_eval = 0.0, 0, args.eval_every
     start = time.perf_counter()
-    for batch in prefetch(train_stream(work, stream, args.batch_size, args.seed)):
+    for batch in prefetch(train_stream(work, stream, args.batch_size, args.seed), depth=3):
         result = train_step(model, FinetuneTask(), batch, optimizer, scheduler, engine, step)
         step, train_seconds = result.step, train_seconds + result.seconds
         if step % 10 == 0:
