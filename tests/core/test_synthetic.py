@@ -131,3 +131,42 @@ def test_other_layouts_label_the_same_people_in_their_keypoint_set(dataset, layo
     assert metrics["AP"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="unknown synthetic layout"):
         SyntheticConfig(layout="horse")
+
+
+@pytest.mark.parametrize("layout", ["aic", "mpii", "posetrack18"])
+def test_layouts_without_segmentation_carry_the_box_area_their_real_files_are_scored_with(layout):
+    """OKS divides by the annotation's area. Real AIC, MPII and PoseTrack18 files have no segmentation: their
+    loaders (and AIC's official evaluation, whose small sigmas are calibrated for it) use the box area. With
+    the silhouette instead (about a quarter of the box), AIC-layout OKS was twice as strict as on real AIC, and
+    bench_multi_dataset's AIC AP was 0 even for the model trained on AIC alone (issue 16)."""
+    from vitpose_core.evaluation import evaluate_keypoints, load_ground_truth
+    from vitpose_core.keypoints import get_keypoint_set
+
+    config = SyntheticConfig(num_images=20, seed=5, layout=layout)
+    images, annotations = [], []
+    for entry, _, anns in iter_dataset(config):
+        images.append(entry)
+        annotations += anns
+    document = json.loads(coco_json(images, annotations, config))
+    as_real_files_come = json.loads(json.dumps(document))
+    for ann in as_real_files_come["annotations"]:
+        del ann["area"]  # what load_ground_truth then fills in: w x h
+    rng = np.random.default_rng(0)
+    results = []
+    for ann in annotations:
+        if ann["num_keypoints"]:
+            keypoints = np.asarray(ann["keypoints"], np.float64).reshape(-1, 3)
+            keypoints[:, :2] += rng.normal(0.0, 2.0, keypoints[:, :2].shape)  # a good model's few pixels
+            results.append({"image_id": ann["image_id"], "keypoints": keypoints.reshape(-1).tolist(), "score": 1.0})
+    sigmas = get_keypoint_set(layout).sigmas_array()
+    synthetic = evaluate_keypoints(load_ground_truth(document), results, sigmas)["AP"]
+    assert synthetic == pytest.approx(evaluate_keypoints(load_ground_truth(as_real_files_come), results, sigmas)["AP"])
+    if layout == "aic":
+        assert synthetic > 0.5  # 0.22 with the silhouette area
+
+
+def test_coco_layout_area_is_the_visible_silhouette(dataset):
+    """COCO's area is the segmentation's: here the visible silhouette, well inside the box."""
+    people = [ann for _, _, anns in dataset for ann in anns if ann["num_keypoints"]]
+    assert all(0 < ann["area"] < ann["bbox"][2] * ann["bbox"][3] for ann in people if ann["area"])
+    assert np.median([ann["area"] / (ann["bbox"][2] * ann["bbox"][3]) for ann in people]) < 0.5
