@@ -186,6 +186,56 @@ def test_multi_dataset_finetune_trains_both_decoders_and_reports_ap_per_dataset(
     assert metrics["AP_aic_synth"] == pytest.approx(output.metrics["val_AP_aic_synth"], abs=1e-6)
 
 
+def _synthetic_shards(tmp_path: Path, images: dict[str, int]) -> str:
+    """Shards of synthetic people in two layouts, as bench_multi_dataset writes them: coco and aic_synth."""
+    sources = []
+    for dataset, layout in (("coco", "coco"), ("aic_synth", "aic")):
+        for split, seed in (("train", 0), ("val", 1)):
+            root = tmp_path / dataset / split
+            annotations = write_synthetic_dataset(str(root), SyntheticConfig(num_images=images[split], seed=seed,
+                                                                             layout=layout), split)
+            sources.append(ShardSource(annotations=annotations, images=str(root / "images"), dataset=dataset,
+                                       split=split))
+    shards = str(tmp_path / "shards")
+    run_shard(ShardConfig(sources=tuple(sources), out=shards, crop=CROP))
+    return shards
+
+
+def test_per_dataset_val_ap_of_ground_truth_as_predictions_is_one_for_each_layout(ray_local, tmp_path):
+    """The finetune's per-dataset val AP (the path bench_multi_dataset scores with too: val rows of one dataset,
+    its manifest val file, its keypoint set's sigmas and flip pairs) scores a model that answers every val crop
+    with its target heatmaps (and the mirrored crop with the mirrored heatmaps, left and right swapped by the
+    generator's own layout) at AP 1 for both decoders, the AIC-14 one included (issue 16)."""
+    from pipelines.finetune.run import validate
+    from vitpose_core.codec import flip_heatmaps
+    from vitpose_core.synthetic import layout_keypoint_set
+
+    shards = _synthetic_shards(tmp_path, {"train": 2, "val": 6})
+    config = _finetune_config(shards, tmp_path / "runs", model={"variant": "vitpose-tiny", "input_size": [96, 128]},
+                              datasets=[{"name": "coco", "ratio": 1}, {"name": "aic_synth", "ratio": 1}])
+    model = build_finetune_model(config)
+    stream = config.data.stream_config(config.model.input_size).model_copy(update={"augment": False})
+    answers, flips = {}, []
+    for index, (name, layout) in enumerate((("coco", "coco"), ("aic_synth", "aic"))):
+        flips.append(layout_keypoint_set(layout).flip_index)
+        for batch in iter_pose_batches(shards, stream, batch_size=4, split="val", datasets=[name]):
+            for image, target in zip(batch["image"], batch["target"], strict=True):
+                answers[(index, image.numpy().tobytes())] = target
+    asked = []
+
+    def ground_truth(images, extra_tokens=None, dataset_index=None, per_dataset=False):
+        count = len(images) // 2  # the eval runs with flip test: the mirrored crops follow the crops
+        originals = torch.stack([answers[(dataset_index, image.numpy().tobytes())] for image in images[:count]])
+        asked.append((dataset_index, count))
+        return torch.cat([originals, flip_heatmaps(originals, flips[dataset_index])])
+
+    model.forward = ground_truth
+    metrics = validate(model, config, tracker=None, epoch=0)
+    assert {index for index, _ in asked} == {0, 1}
+    assert metrics["val_AP_coco"] == pytest.approx(1.0, abs=1e-6), metrics
+    assert metrics["val_AP_aic_synth"] == pytest.approx(1.0, abs=1e-6), metrics
+
+
 def test_mix_by_ratio_follows_the_ratios_uses_every_row_and_never_runs_short():
     import pyarrow as pa
 
