@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
 
 # subcommand name -> module providing `register(subparsers)`
@@ -75,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+# what Ray Data appends to the message of a task's error ("Failed to apply UDF transform after 1/1 attempts ...
+# configure DataContext ..."): advice about its own retries, beside the point for a user error (S3 retries
+# are the S3 client's, see pipelines.storage)
+RAY_DATA_RETRY_NOTE = re.compile(r"\nFailed to [^\n]* after \d+/\d+ attempts \(total backoff [\d.]+s\)\..*\Z", re.S)
+
+
 def user_error_message(error: BaseException) -> str | None:
     """The message of a user error (one line; a config's list of bad keys, one per line), or None for a bug.
 
@@ -89,7 +96,7 @@ def user_error_message(error: BaseException) -> str | None:
         error = found
     elif not isinstance(error, ValueError | OSError):
         return None
-    message = str(error).strip() or type(error).__name__
+    message = RAY_DATA_RETRY_NOTE.sub("", str(error)).strip() or type(error).__name__
     filename = getattr(error, "filename", None)
     if isinstance(error, OSError) and filename and str(filename) not in message:
         message = f"{filename}: {message}"

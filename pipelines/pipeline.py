@@ -203,14 +203,15 @@ def run_pipeline(config: PipelineConfig, stages: list[str] | None = None, start:
     validate_sections(config, specs)
     workdir = config.workdir_uri
     tracking_uri, default_artifacts = resolve_tracking_uri(config.mlflow.tracking_uri, workdir)
+    # the tracking store first: a server that cannot be reached fails the run before a Ray cluster starts
+    client = mlflow_client(tracking_uri)
+    experiment = experiment_id(client, config.mlflow.experiment, config.mlflow.artifact_location or default_artifacts)
     # Ray processes started from here inherit it; restored at the end, or the next run_pipeline in this
     # process would read it as the user's choice and log into this run's store
     previous_tracking_env = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     where = connect_ray(num_cpus=config.ray.num_cpus, include_dashboard=config.ray.include_dashboard,
                         log_to_driver=config.ray.log_to_driver, auth_mode=config.ray.auth_mode)
-    client = mlflow_client(tracking_uri)
-    experiment = experiment_id(client, config.mlflow.experiment, config.mlflow.artifact_location or default_artifacts)
     parent = client.create_run(experiment, run_name=f"pipeline-{config.name}",
                                tags={"vitpose.pipeline": config.name, "vitpose.workdir": workdir,
                                      "vitpose.code_version": code_version()})

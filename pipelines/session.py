@@ -151,6 +151,40 @@ def send_logs_to_file(path: Path, verbose: bool = False) -> Path:
     return path
 
 
+def quiet_console(log_file: Path, verbose: bool, task_errors_to_console: bool = True):
+    """`send_logs_to_file` for one command, undone when it ends (the CLI may run in a longer process, as in
+    tests): returns the function that restores the console handlers.
+
+    `task_errors_to_console=False`: Ray Data's own ERROR records (a failed task's traceback, "please open an
+    issue on the Ray project") go to the log file only. The command raises that error itself, so the CLI
+    still shows it: one line for a user error (an S3 outage), the traceback for a bug.
+    """
+    import logging
+
+    root = logging.getLogger()
+    saved = [(handler, handler.level) for handler in root.handlers]
+    send_logs_to_file(log_file, verbose=verbose)
+    added = [handler for handler in root.handlers if handler not in dict(saved)]
+    silenced: list[tuple[logging.Handler, int]] = []
+    if not task_errors_to_console and not verbose:
+        for name in ["ray.data", *logging.Logger.manager.loggerDict]:
+            if name == "ray.data" or name.startswith("ray.data."):
+                for console in logging.getLogger(name).handlers:
+                    if not isinstance(console, logging.FileHandler):
+                        silenced.append((console, console.level))
+                        console.setLevel(logging.CRITICAL + 1)
+
+    def restore() -> None:
+        for handler in added:
+            root.removeHandler(handler)
+            handler.close()
+        for handler, level in [*saved, *silenced]:
+            handler.setLevel(level)
+        logging.captureWarnings(False)
+
+    return restore
+
+
 def route_library_logs() -> None:
     """Loggers that do not propagate to the root (Ray's, Ray Data's, MLflow's) also write to the run's log
     file, and their own console handlers show errors only (unless verbose). Called again when a library
@@ -220,16 +254,37 @@ def mlflow_client(uri: str) -> Any:
 
 
 def experiment_id(client: Any, name: str, artifact_location: str | None = None) -> str:
-    """The id of experiment `name`, created (with `artifact_location`) when missing."""
+    """The id of experiment `name`, created (with `artifact_location`) when missing.
+
+    This is every command's first request to the tracking store: a server that cannot be reached after
+    MLflow's own retries with backoff (MLFLOW_HTTP_REQUEST_MAX_RETRIES, 7 by default: minutes) is a
+    ServiceError naming its URI, one line at the CLI instead of MLflow's traceback.
+    """
     from mlflow.exceptions import MlflowException
 
-    experiment = client.get_experiment_by_name(name)
+    try:
+        experiment = client.get_experiment_by_name(name)
+    except MlflowException as error:
+        if not _is_connection_failure(error):
+            raise
+        from vitpose_core.errors import ServiceError
+
+        raise ServiceError(f"cannot reach the MLflow tracking server at {client.tracking_uri} (after MLflow's "
+                           f"retries with backoff): {str(error).splitlines()[0][:300]}") from None
     if experiment is not None:
         return experiment.experiment_id
     try:
         return client.create_experiment(name, artifact_location=artifact_location)
     except MlflowException:  # created concurrently by another stage or trial
         return client.get_experiment_by_name(name).experiment_id
+
+
+def _is_connection_failure(error: BaseException) -> bool:
+    """Whether MLflow's error comes from the HTTP layer (refused, reset, timed out, retries exhausted) rather
+    than from an answer of the server (MLflow raises it while handling the requests exception)."""
+    import requests
+
+    return any(isinstance(inner, requests.exceptions.RequestException) for inner in (error.__cause__, error.__context__))
 
 
 def own_placement_groups() -> set[str]:

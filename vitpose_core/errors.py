@@ -27,6 +27,11 @@ class StorageError(UserError, RuntimeError):
     "unreadable file" skips must not record an outage as bad data."""
 
 
+class ServiceError(UserError, RuntimeError):
+    """A server the command needs (the MLflow tracking server, a pose service) cannot be reached, or keeps
+    failing, after the client's retries. Named with its URI; like StorageError, never a skipped record."""
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"non-standard JSON constant {name}")
 

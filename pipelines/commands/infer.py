@@ -14,7 +14,6 @@ OUT/images.json (the image ids), OUT/infer.json (what ran), OUT/parts/ (finished
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import time
 from pathlib import Path
@@ -84,7 +83,7 @@ def build_config(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from pipelines import storage
     from pipelines.infer.job import execute, prepare
-    from pipelines.session import connect_ray, disconnect_ray
+    from pipelines.session import connect_ray, disconnect_ray, quiet_console
 
     config = build_config(args)
     prepared = prepare(config)  # inputs, boxes, part keys: errors name the path before Ray starts
@@ -97,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         f"earlier (skipped){f', {len(prepared.stale)} stale removed' if prepared.stale else ''}")
     root = Path("vitpose-logs") if storage.is_s3(prepared.out) else Path(prepared.out) / "logs"
     log_file = (root / f"infer-{time.strftime('%Y%m%d-%H%M%S')}.log").resolve()
-    restore = _quiet_console(log_file, args.verbose)
+    restore = quiet_console(log_file, args.verbose)
     started_here = False
     try:
         if todo:
@@ -128,23 +127,3 @@ def run(args: argparse.Namespace) -> int:
 
 def say(line: str) -> None:
     print(line, flush=True)
-
-
-def _quiet_console(log_file: Path, verbose: bool):
-    """`session.send_logs_to_file`, undone when the command ends (the CLI may run in a longer process)."""
-    from pipelines.session import send_logs_to_file
-
-    root = logging.getLogger()
-    saved = [(handler, handler.level) for handler in root.handlers]
-    send_logs_to_file(log_file, verbose=verbose)
-    added = [handler for handler in root.handlers if handler not in dict(saved)]
-
-    def restore() -> None:
-        for handler in added:
-            root.removeHandler(handler)
-            handler.close()
-        for handler, level in saved:
-            handler.setLevel(level)
-        logging.captureWarnings(False)
-
-    return restore

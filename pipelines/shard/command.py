@@ -62,12 +62,24 @@ def build_shard_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.session import connect_ray
+    import time
+    from pathlib import Path
+
+    from pipelines import storage
+    from pipelines.session import connect_ray, quiet_console
     from pipelines.shard.run import run_shard
 
     config = build_shard_config(args)
-    connect_ray(address=args.address)
-    manifest = run_shard(config, force=args.force)
+    # Ray's and Ray Data's messages (their tracebacks of a failed task too) go to a log file beside the stage's
+    # folders, which the stage never touches; the console keeps the result, or the one-line error
+    root = Path("vitpose-logs") if storage.is_s3(config.out) else Path(storage.normalize(config.out)) / "logs"
+    log_file = (root / f"shard-{time.strftime('%Y%m%d-%H%M%S')}.log").resolve()
+    restore = quiet_console(log_file, args.verbose, task_errors_to_console=False)
+    try:
+        connect_ray(address=args.address)
+        manifest = run_shard(config, force=args.force)
+    finally:
+        restore()
     sets = {dataset: f"{record['name']} ({len(record['names'])} keypoints)"
             for dataset, record in manifest.get("keypoint_sets", {}).items()}
     print(json.dumps({"out": config.out, "totals": manifest["totals"], "counts": manifest["counts"],

@@ -12,10 +12,12 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import tracemalloc
@@ -556,7 +558,25 @@ def test_shard_with_images_on_a_dead_endpoint_exits_2(s3_env, stopped_moto, shar
                         "--dataset", "coco", "--split", "val", "--out", out)
     assert code == 2, err
     assert "s3://hostile/raw/coco/" in error_line(err) and "the S3 endpoint is unreachable" in error_line(err)
+    # one line: Ray Data's traceback of the task goes to the log file, its retry advice is cut from the message
+    assert "Traceback" not in err and "Failed to apply" not in err and "DataContext" not in err, err
+    assert list((out / "logs").glob("shard-*.log"))
     assert not (out / "manifest.json").exists()
+
+
+def test_unreachable_tracking_server_is_one_line_naming_it_before_ray_starts(tmp_path, capsys, monkeypatch):
+    """MLflow retries a dead server for minutes by default, then raised its own traceback; now the run fails
+    after those retries (2 here) with one line naming the server, and no stage ran."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    port = free_port()
+    start = time.perf_counter()
+    code, err = run_cli(capsys, "run", "--stages", "shard", "--no-keep-serving", "--set", f"workdir={tmp_path / 'runs'}",
+                        "--set", f"mlflow.tracking_uri=http://127.0.0.1:{port}")
+    assert code == 2 and "Traceback" not in err, err
+    assert f"vitpose run: error: cannot reach the MLflow tracking server at http://127.0.0.1:{port}" in error_line(err)
+    assert time.perf_counter() - start < 60
+    assert not (tmp_path / "runs" / "shard").exists()
 
 
 def test_hostile_numbers_survive_a_round_trip_only_as_strict_json(tmp_path):
@@ -644,3 +664,56 @@ def test_png_bomb_in_a_dataset_is_skipped_or_refused_before_decoding(tmp_path):
     assert errors == [f"image {bomb} has 900000000 pixels; the limit is 67108864",
                       "image s3://b/bomb.png has 900000000 pixels; the limit is 16777216"]
     assert seconds < 1.0 and peak_kb < 1024 * 1024, (seconds, peak_kb)  # imports ~600 MB; decoded: 2.7 GB more
+
+
+# --- interrupting a run --------------------------------------------------------------------------------
+
+def ray_processes_of(temp_root: Path) -> list[str]:
+    """Live processes whose command line names `temp_root`, the temp dir of one run's private Ray cluster."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if proc.name.isdigit() and str(temp_root) in cmdline:
+            found.append(f"{proc.name}: {cmdline[:100]}")
+    return found
+
+
+@pytest.mark.ray
+def test_ctrl_c_stops_the_run_and_its_ray_processes(tmp_path):
+    """SIGINT (Ctrl-C) mid-pretrain: exit 130 with the resume hint, no process of the run's Ray cluster left, the
+    finished shard stage's record kept and none for the interrupted stage (test_pipeline covers SIGTERM and the
+    resumed rerun)."""
+    from pipelines.contract import read_record
+
+    workdir = tmp_path / "runs"
+    ray_tmp = Path(tempfile.mkdtemp(prefix="vpr-sigint-", dir="/tmp"))  # Ray's socket paths stay < 108 bytes
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": str(ray_tmp)}
+    env.pop("RAY_ADDRESS", None)
+    command = [sys.executable, "-m", "pipelines.cli", "run", "--no-keep-serving", "--stages", "shard,pretrain",
+               "--set", f"workdir={workdir}", "--set", "shard.synthetic.train_images=16",
+               "--set", "shard.synthetic.val_images=2", "--set", "shard.synthetic.max_people=1",
+               "--set", "pretrain.data.batch_size=8", "--set", "pretrain.schedule.max_steps=100000"]
+    run = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while read_record(str(workdir / "shard")) is None:  # the shard stage done: pretrain is starting
+            assert run.poll() is None, run.stdout.read()[-3000:]
+            assert time.time() < deadline, "the shard stage did not finish in time"
+            time.sleep(0.5)
+        assert ray_processes_of(ray_tmp), "the run's Ray cluster is not up"
+        run.send_signal(signal.SIGINT)
+        out = run.communicate(timeout=120)[0]
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 130, out[-3000:]
+    assert "run the same command again to resume" in out and "Traceback" not in out, out[-3000:]
+    deadline = time.time() + 30
+    while ray_processes_of(ray_tmp) and time.time() < deadline:
+        time.sleep(1)
+    assert not ray_processes_of(ray_tmp), ray_processes_of(ray_tmp)
+    assert read_record(str(workdir / "shard")) is not None and read_record(str(workdir / "pretrain")) is None
+    shutil.rmtree(ray_tmp, ignore_errors=True)
