@@ -30,7 +30,7 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from vitpose_core.errors import StorageError
+from vitpose_core.errors import InvalidInputError, StorageError
 
 S3_SCHEME = "s3://"
 S3_MAX_ATTEMPTS = 5  # first try + 4 retries: rides out a throttling burst or an endpoint restart
@@ -138,6 +138,22 @@ def _missing(uri: str | Path, filesystem: pafs.FileSystem | None = None) -> File
         if not bucket_exists:
             raise StorageError(f"{uri}: bucket {bucket!r} does not exist at the S3 endpoint")
     return FileNotFoundError(f"no such file: {uri}")
+
+
+def refuse_overwriting_inputs(output: str | Path, inputs: list[str | Path | None], flag: str = "--output") -> None:
+    """An InvalidInputError if the local path `output` is (or lies inside) one of the local `inputs`: what a
+    command writes must never replace what it read (the metrics over the predictions they came from, an
+    export over its checkpoint). `flag` names the output in the message."""
+    output = Path(output)
+    target = output.resolve()
+    for item in inputs:
+        if item is None or is_s3(str(item)):
+            continue
+        item = Path(item)
+        source = item.resolve()
+        if target == source or source in target.parents or (output.exists() and item.exists()
+                                                              and output.samefile(item)):
+            raise InvalidInputError(f"{flag} {output} would overwrite the input {item}; choose another path")
 
 
 def filesystem_and_path(uri: str | Path) -> tuple[pafs.FileSystem, str]:

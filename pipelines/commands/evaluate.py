@@ -51,6 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipelines.storage import refuse_overwriting_inputs
     from vitpose_core.evaluation import evaluate_keypoints, infer_keypoint_set, load_ground_truth
 
     if args.output is not None:
@@ -77,21 +78,6 @@ def run(args: argparse.Namespace) -> int:
             record["results"] = results
         args.output.write_text(json.dumps(record, allow_nan=False))
     return 0
-
-
-def refuse_overwriting_inputs(output: Path, inputs: list[Path | None]) -> None:
-    """An InvalidInputError if `output` is (or lies inside) one of the inputs: the metrics must never replace
-    the predictions or annotations they were computed from."""
-    from vitpose_core.errors import InvalidInputError
-
-    target = output.resolve()
-    for item in inputs:
-        if item is None:
-            continue
-        source = item.resolve()
-        if target == source or source in target.parents or (output.exists() and item.exists()
-                                                              and output.samefile(item)):
-            raise InvalidInputError(f"--output {output} would overwrite the input {item}; choose another path")
 
 
 def _predict_results(args: argparse.Namespace, ground_truth, keypoint_set) -> list[dict]:

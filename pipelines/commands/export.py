@@ -38,11 +38,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipelines.storage import refuse_overwriting_inputs
     from vitpose_core import load_model
     from vitpose_core.export import OnnxPoseModel, export_onnx, onnx_parity, quantize_onnx
 
     if not args.checkpoint.exists():
         raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
+    refuse_overwriting_inputs(args.out, [args.checkpoint], flag="--out")
     if args.format == "onnx" and args.out.suffix != ".onnx":
         raise ValueError(f"--out must end in .onnx, got {args.out}")
     model = load_model(args.checkpoint, dataset=args.dataset).eval()

@@ -717,3 +717,15 @@ def test_ctrl_c_stops_the_run_and_its_ray_processes(tmp_path):
     assert not ray_processes_of(ray_tmp), ray_processes_of(ray_tmp)
     assert read_record(str(workdir / "shard")) is not None and read_record(str(workdir / "pretrain")) is None
     shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_export_never_writes_over_its_checkpoint(tmp_path, capsys, tiny_checkpoint):
+    """`vitpose export --format checkpoint --out` = the checkpoint (with --dataset, a multi-dataset file would
+    have lost its other decoders): refused before the model loads, files intact."""
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    before = {p.name: p.read_bytes() for p in checkpoint.iterdir()}
+    for out in (checkpoint, checkpoint / "inner"):
+        code, err = run_cli(capsys, "export", "--format", "checkpoint", "--checkpoint", checkpoint, "--out", out)
+        assert code == 2 and f"--out {out} would overwrite the input {checkpoint}" in error_line(err)
+    assert {p.name: p.read_bytes() for p in checkpoint.iterdir()} == before
