@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM/SIGHUP once Ray is up (pipelines.session)
         from pipelines import session
 
+        session.interrupt_taken()
         reason = f"stopped by signal {session.STOPPED_BY}" if session.STOPPED_BY else str(interrupt) or "interrupted"
         print(f"vitpose {args.command}: {reason}; run the same command again to resume", file=sys.stderr)
         return 130

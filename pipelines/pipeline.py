@@ -275,7 +275,7 @@ def _upstream_records(spec: StageSpec, workdir: str, stage_names: list[str] | No
 def _run_stage(spec: StageSpec, section: dict[str, Any], run: _RunContext, index: int, total: int) -> StageResult:
     """Skip the stage when its record matches, otherwise run it in a child run and write its record."""
     from pipelines.progress import StageProgress
-    from pipelines.session import own_placement_groups, release_placement_groups
+    from pipelines.session import interrupt_taken, own_placement_groups, release_placement_groups
 
     client, reporter = run.client, run.reporter
     stage_dir = storage.join(run.config.workdir_uri, spec.name)
@@ -307,6 +307,8 @@ def _run_stage(spec: StageSpec, section: dict[str, Any], run: _RunContext, index
         with StageProgress(client, run.experiment_id, spec.name, run_id, stream=getattr(reporter, "stream", None)):
             output = spec.run(stage_config, upstream, run.force)
     except BaseException as error:  # KeyboardInterrupt too: the child run must not stay RUNNING
+        if isinstance(error, KeyboardInterrupt):
+            interrupt_taken()
         client.set_tag(run_id, "vitpose.state", "failed")
         client.set_terminated(run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
         reporter.stage_failed(spec.name, time.time() - started, error, index, total)

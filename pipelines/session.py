@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -83,27 +84,56 @@ def quiet_workers_env() -> dict[str, str]:
 STOPPED_BY: str | None = None
 
 
+# seconds between repeated interrupts of a driver that has not taken the first one (see stop_on_signals)
+REINTERRUPT_S = 5.0
+_INTERRUPT_TAKEN = threading.Event()
+
+
 def stop_on_signals() -> None:
-    """SIGTERM and SIGHUP interrupt the driver as Ctrl-C does, so its `finally` blocks run: the stage's MLflow
-    run ends KILLED, no record is written (the rerun resumes from checkpoints), and `disconnect_ray` stops
-    a private cluster. Ray's own SIGTERM handler exits without them and left its processes behind."""
+    """SIGTERM, SIGHUP and SIGINT interrupt the driver as Ctrl-C does, so its `finally` blocks run: the stage's
+    MLflow run ends KILLED, no record is written (the rerun resumes from checkpoints), and `disconnect_ray`
+    stops a private cluster. Ray's own SIGTERM handler exits without them and left its processes behind.
+
+    A KeyboardInterrupt raised by a signal handler lands wherever the main thread is; in a weakref callback
+    or a `__del__` Python prints "Exception ignored" and carries on (seen: a SIGTERM swallowed by importlib's
+    module-lock callback, and the run went on training for minutes). So the first signal also starts a
+    thread that interrupts the main thread again every REINTERRUPT_S until the driver has taken the
+    interrupt (`interrupt_taken`: a stage's handler, `disconnect_ray`, the CLI).
+    """
     import signal
-    import threading
 
     def interrupt(signum: int, frame: Any) -> None:
         global STOPPED_BY
+        first = STOPPED_BY is None
         STOPPED_BY = signal.Signals(signum).name
+        if first:
+            threading.Thread(target=_interrupt_until_taken, args=(signum,), daemon=True,
+                             name="vitpose-reinterrupt").start()
         raise KeyboardInterrupt(f"stopped by signal {STOPPED_BY}")
 
     if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGTERM, signal.SIGHUP):
+        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
             signal.signal(signum, interrupt)
+
+
+def _interrupt_until_taken(signum: int) -> None:
+    import _thread
+
+    while not _INTERRUPT_TAKEN.wait(REINTERRUPT_S):
+        _thread.interrupt_main(signum)  # runs the handler above in the main thread: a fresh KeyboardInterrupt
+
+
+def interrupt_taken() -> None:
+    """The driver is handling the interrupt (its cleanup is under way): interrupt it no more."""
+    _INTERRUPT_TAKEN.set()
 
 
 def disconnect_ray() -> None:
     """Leave the cluster; a private local cluster started by `connect_ray` stops with it."""
     import ray
 
+    if STOPPED_BY is not None:
+        interrupt_taken()  # no repeated interrupt in the middle of stopping the cluster
     if ray.is_initialized():
         ray.shutdown()
 

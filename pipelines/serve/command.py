@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ray import serve
 
-    from pipelines.session import connect_ray
+    from pipelines.session import connect_ray, interrupt_taken
 
     connect_ray(address=args.address)
     serve.start(http_options={"host": config.host, "port": config.port,
@@ -71,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        interrupt_taken()  # Ctrl-C or SIGTERM: shutting down, not to be interrupted again
         print("shutting down", flush=True)
         serve.shutdown()
     return 0

@@ -681,6 +681,50 @@ def ray_processes_of(temp_root: Path) -> list[str]:
     return found
 
 
+SWALLOWED_SIGNAL_SCRIPT = """
+import sys, time, weakref
+from pipelines import session
+session.REINTERRUPT_S = 0.5
+session.stop_on_signals()
+
+class Thing:
+    pass
+
+def callback(_):  # Python ignores an exception raised in a weakref callback ("Exception ignored in ...")
+    print("in callback", flush=True)
+    time.sleep(5)
+
+thing = Thing()
+ref = weakref.ref(thing, callback)
+del thing  # the callback runs now; the parent sends SIGTERM while it sleeps
+print("after callback", flush=True)
+try:
+    while True:
+        time.sleep(0.1)
+except KeyboardInterrupt as error:
+    print(f"interrupted: {error}", flush=True)
+    sys.exit(130)
+"""
+
+
+def test_a_signal_swallowed_where_python_ignores_exceptions_is_raised_again(tmp_path):
+    """A SIGTERM landed in importlib's module-lock weakref callback: Python printed 'Exception ignored' and the
+    run went on training for minutes. The interrupt is raised again until the driver takes it."""
+    child = subprocess.Popen([sys.executable, "-c", SWALLOWED_SIGNAL_SCRIPT], cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "in callback"
+        time.sleep(0.3)
+        child.send_signal(signal.SIGTERM)
+        out, err = child.communicate(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert "Exception ignored" in err and "KeyboardInterrupt: stopped by signal SIGTERM" in err  # the first one
+    assert "after callback" in out and "interrupted: stopped by signal SIGTERM" in out, (out, err)
+    assert child.returncode == 130
+
+
 @pytest.mark.ray
 def test_ctrl_c_stops_the_run_and_its_ray_processes(tmp_path):
     """SIGINT (Ctrl-C) mid-pretrain: exit 130 with the resume hint, no process of the run's Ray cluster left, the
