@@ -641,7 +641,9 @@ def test_png_bomb_among_eval_images_is_refused_from_the_header(tmp_path, coco, t
     code, seconds, peak_kb, err = measured_cli("eval", "--checkpoint", tiny_checkpoint, "--annotations", annotations,
                                                "--images", tmp_path)
     assert code == 2 and f"vitpose eval: error: image {bomb} has 900000000 pixels; the limit is 16777216" in err
-    assert seconds < 5 and peak_kb < 1024 * 1024, (seconds, peak_kb)  # decoded: 2.7 GB, tens of seconds
+    # memory is the check (decoded: 2.7 GB more); the time only guards against a hang (8.8 s seen at load 15:
+    # reading the annotations and the keypoint set on a loaded box)
+    assert seconds < 30 and peak_kb < 1024 * 1024, (seconds, peak_kb)
 
 
 def test_png_bomb_in_a_dataset_is_skipped_or_refused_before_decoding(tmp_path):
@@ -663,7 +665,7 @@ def test_png_bomb_in_a_dataset_is_skipped_or_refused_before_decoding(tmp_path):
         "the limit is 67108864"
     assert errors == [f"image {bomb} has 900000000 pixels; the limit is 67108864",
                       "image s3://b/bomb.png has 900000000 pixels; the limit is 16777216"]
-    assert seconds < 1.0 and peak_kb < 1024 * 1024, (seconds, peak_kb)  # imports ~600 MB; decoded: 2.7 GB more
+    assert seconds < 5.0 and peak_kb < 1024 * 1024, (seconds, peak_kb)  # imports ~600 MB; decoded: 2.7 GB more
 
 
 # --- interrupting a run --------------------------------------------------------------------------------
