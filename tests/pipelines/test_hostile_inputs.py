@@ -564,7 +564,7 @@ def test_shard_with_images_on_a_dead_endpoint_exits_2(s3_env, stopped_moto, shar
     assert not (out / "manifest.json").exists()
 
 
-def test_unreachable_tracking_server_is_one_line_naming_it_before_ray_starts(tmp_path, capsys, monkeypatch):
+def test_unreachable_tracking_server_is_one_line_naming_it_and_no_stage_runs(tmp_path, capsys, monkeypatch):
     """MLflow retries a dead server for minutes by default, then raised its own traceback; now the run fails
     after those retries (2 here) with one line naming the server, and no stage ran."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
