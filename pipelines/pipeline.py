@@ -185,6 +185,7 @@ def run_pipeline(config: PipelineConfig, stages: list[str] | None = None, start:
         connect_ray,
         experiment_id,
         mlflow_client,
+        prints_to_log,
         resolve_tracking_uri,
         route_library_logs,
     )
@@ -232,8 +233,9 @@ def run_pipeline(config: PipelineConfig, stages: list[str] | None = None, start:
             if spec.name not in selected:
                 results.append(StageResult(spec.name, "not-selected", record=read_record(storage.join(workdir, spec.name))))
                 continue
-            route_library_logs()  # a library imported by the previous stage (e.g. Serve) may have added a console
-            results.append(_run_stage(spec, sections[spec.name], run_context, index, len(specs)))
+            route_library_logs()  # a library imported by the previous stage may have added a console handler
+            with prints_to_log():
+                results.append(_run_stage(spec, sections[spec.name], run_context, index, len(specs)))
         status = "FINISHED"
     finally:
         client.set_terminated(parent_id, status)

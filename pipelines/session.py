@@ -176,6 +176,7 @@ def send_logs_to_file(path: Path, verbose: bool = False) -> Path:
     # stop propagation when they are imported: import them now and route those loggers too
     import mlflow  # noqa: F401
     import ray.data  # noqa: F401
+    import ray.serve  # noqa: F401  (its "ray.serve" logger gets a stderr handler on import)
 
     route_library_logs()
     return path
@@ -236,15 +237,17 @@ def route_library_logs() -> None:
 
 
 @contextlib.contextmanager
-def stdout_to_log():
-    """What a library prints (not logs) goes to the run's log file: Tune's experiment table and 'View
-    detailed results' lines print unconditionally, even with verbose=0. The pipeline's own progress lines
-    keep the console: its Reporter holds the stream it was given before this redirect."""
+def prints_to_log():
+    """What libraries print (not log) goes to the run's log file: Tune's experiment table and 'View detailed
+    results' lines (printed whatever `verbose` says), MLflow's "Successfully registered model" and its
+    download bars (stderr), and the "(raylet)" messages Ray's driver thread prints. The pipeline's own stage
+    lines and bars keep the console: its Reporter holds the stream it was given before this redirect."""
     if _LOG_FILE is None or _VERBOSE:
         yield
         return
     _LOG_FILE.flush()
-    with open(_LOG_FILE.baseFilename, "a") as log, contextlib.redirect_stdout(log):
+    with (open(_LOG_FILE.baseFilename, "a", buffering=1) as log, contextlib.redirect_stdout(log),
+          contextlib.redirect_stderr(log)):
         yield
 
 

@@ -85,29 +85,33 @@ def summary_lines(results: list[Any], config: Any, tracking_uri: str) -> list[st
 def run(args: argparse.Namespace) -> int:
     from pipelines.pipeline import load_pipeline_config, run_pipeline
     from pipelines.progress import Reporter
-    from pipelines.session import disconnect_ray, resolve_tracking_uri, send_logs_to_file
+    from pipelines.session import disconnect_ray, prints_to_log, resolve_tracking_uri, send_logs_to_file
 
     config = load_pipeline_config(args.config, args.overrides, args.overlays)
     # `--stages ,` or `--stages ''` is an empty selection (an error), not "every stage"
     stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages is not None else None
     log_file = send_logs_to_file(_log_path(config.workdir_uri), verbose=args.verbose)
-    try:
-        results = run_pipeline(config, stages=stages, start=args.start, force=args.force,
-                               reporter=Reporter(log_file=str(log_file)))
-        tracking_uri, _ = resolve_tracking_uri(config.mlflow.tracking_uri, config.workdir_uri)
-        print("\n".join(summary_lines(results, config, tracking_uri)), flush=True)
+    # the console is ours (stage lines, table, summary); what libraries print from any thread while the
+    # command runs (Ray's "(raylet)" messages arrive until the cluster stops) goes to the log file
+    console = sys.stdout
+    reporter = Reporter(stream=console, log_file=str(log_file))
+    with prints_to_log():
+        try:
+            results = run_pipeline(config, stages=stages, start=args.start, force=args.force, reporter=reporter)
+            tracking_uri, _ = resolve_tracking_uri(config.mlflow.tracking_uri, config.workdir_uri)
+            print("\n".join(summary_lines(results, config, tracking_uri)), file=console, flush=True)
 
-        served = any(r.name == "serve" and r.state == "done" for r in results)
-        keep = args.keep_serving if args.keep_serving is not None else sys.stdout.isatty()
-        if served and keep and not os.environ.get("RAY_ADDRESS"):
-            print("serving until Ctrl-C ...", flush=True)
-            try:
-                while True:
-                    time.sleep(3600)
-            except KeyboardInterrupt:
-                print("stopped", flush=True)
-    finally:
-        disconnect_ray()  # Ctrl-C, SIGTERM or an error: a private cluster's processes stop with the command
+            served = any(r.name == "serve" and r.state == "done" for r in results)
+            keep = args.keep_serving if args.keep_serving is not None else console.isatty()
+            if served and keep and not os.environ.get("RAY_ADDRESS"):
+                print("serving until Ctrl-C ...", file=console, flush=True)
+                try:
+                    while True:
+                        time.sleep(3600)
+                except KeyboardInterrupt:
+                    print("stopped", file=console, flush=True)
+        finally:
+            disconnect_ray()  # Ctrl-C, SIGTERM or an error: a private cluster's processes stop with the command
     return 0
 
 

@@ -31,7 +31,7 @@ from typing import Any
 from pipelines import storage
 from pipelines.config import dump_config
 from pipelines.contract import StageOutput
-from pipelines.session import connect_ray, mlflow_client, stdout_to_log, use_tracking_uri
+from pipelines.session import connect_ray, mlflow_client, prints_to_log, use_tracking_uri
 from pipelines.tracking import resolve_tracking
 from pipelines.tune.config import TRIALS_DIR, TuneConfig, trial_finetune_config, trial_overrides
 
@@ -94,7 +94,7 @@ def run_tune(config: TuneConfig, force: bool = False) -> StageOutput:
         else:
             tuner = tune.Tuner(trainable, param_space={k: a.to_tune() for k, a in config.search_space.items()},
                                tune_config=_tune_config(config), run_config=_run_config(config, out, experiment))
-        with stdout_to_log():  # Tune prints its experiment table whatever the verbosity
+        with prints_to_log():  # Tune prints its experiment table whatever the verbosity
             results = tuner.fit()
         trials, winner = summarize_trials(results, config, out)
         record = _record_winner(config, experiment, trials, winner, sweep_run_id, tracking.get("tracking_uri"))
