@@ -12,6 +12,7 @@ import importlib
 import logging
 import re
 import sys
+import threading
 
 # subcommand name -> module providing `register(subparsers)`
 COMMANDS: dict[str, str] = {
@@ -69,9 +70,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vitpose {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM/SIGHUP once Ray is up (pipelines.session)
+        import signal
+
         from pipelines import session
 
         session.interrupt_taken()
+        # stopped: a late or repeated interrupt during exit (atexit hooks) must not turn exit 130 into death
+        # by SIGINT (-2) after the message below
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         reason = f"stopped by signal {session.STOPPED_BY}" if session.STOPPED_BY else str(interrupt) or "interrupted"
         print(f"vitpose {args.command}: {reason}; run the same command again to resume", file=sys.stderr)
         return 130

@@ -87,7 +87,26 @@ def build_trainer(recipe: TrainingRecipe, config: Any, *, name: str | None = Non
 
 
 def fit(recipe: TrainingRecipe, config: Any, **trainer_kwargs: Any):
-    """Run (or resume) a training run to the end; returns the Ray ``Result``."""
-    result = build_trainer(recipe, config, **trainer_kwargs).fit()
+    """Run (or resume) a training run to the end; returns the Ray ``Result``.
+
+    Ray Train's ``fit`` installs its own SIGINT handler, which aborts the run and then calls ``sys.exit``,
+    and leaves it installed. Here a SystemExit out of ``fit`` is that Ctrl-C, and goes on as the
+    KeyboardInterrupt the CLI turns into exit 130 and the resume hint; the driver's handler is put back.
+    """
+    import signal
+    import threading
+
+    from pipelines import session
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main_thread else None
+    try:
+        result = build_trainer(recipe, config, **trainer_kwargs).fit()
+    except SystemExit as exit_:
+        session.STOPPED_BY = session.STOPPED_BY or "SIGINT"
+        raise KeyboardInterrupt(f"stopped by signal {session.STOPPED_BY}") from exit_
+    finally:
+        if main_thread and previous is not None:
+            signal.signal(signal.SIGINT, previous)
     logger.info("%s finished: %s", recipe.name, result.metrics)
     return result
