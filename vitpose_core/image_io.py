@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,28 +33,13 @@ def image_size_from_header(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS,
                            max_side: int = MAX_IMAGE_SIDE) -> tuple[int, int]:
     """(width, height) of an image file from its header only; InvalidInputError naming the file if it is
     not an image PIL can identify or exceeds the limits."""
-    from PIL import Image
 
     path = Path(path)
     if path.is_dir():
         raise InvalidInputError(f"image {path} is a directory, expected an image file")
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
-    try:
-        with Image.open(path) as image:  # lazy: reads the header, decodes nothing
-            width, height = image.size
-    except Image.DecompressionBombError as error:  # PIL's own header check, at twice its MAX_IMAGE_PIXELS
-        claimed = re.search(r"\((\d+) pixels\)", str(error))
-        pixels = claimed.group(1) if claimed else f"more than {max_pixels}"
-        raise ImageTooLargeError(f"image {path} has {pixels} pixels; the limit is {max_pixels}") from None
-    except Exception:  # UnidentifiedImageError, SyntaxError, struct.error ... on junk headers
-        raise InvalidInputError(f"cannot read image {path}: not a decodable image (JPEG, PNG, WebP, BMP ...)") from None
-    if width < 1 or height < 1:
-        raise InvalidInputError(f"image {path} has no pixels ({width}x{height})")
-    if width * height > max_pixels or max(width, height) > max_side:
-        raise ImageTooLargeError(f"image {path} is {width}x{height} = {width * height} pixels; the limit is "
-                                f"{max_pixels} pixels and {max_side} per side")
-    return width, height
+    return _checked_header_size(path, str(path), max_pixels, max_side)
 
 
 def read_image_rgb(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS, max_side: int = MAX_IMAGE_SIDE) -> np.ndarray:
@@ -77,16 +63,22 @@ def image_size_from_bytes(data: bytes, name: str, max_pixels: int = MAX_IMAGE_PI
     `image_size_from_header` checks a file. Errors are InvalidInputErrors naming `name`."""
     import io
 
+    return _checked_header_size(io.BytesIO(data), name, max_pixels, max_side)
+
+
+def _checked_header_size(source: Any, name: str, max_pixels: int, max_side: int) -> tuple[int, int]:
+    """(width, height) from the header of ``source`` (a path or a file object), checked against the limits;
+    errors name the image as ``name``."""
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data)) as header:
+        with Image.open(source) as header:  # lazy: reads the header, decodes nothing
             width, height = header.size
-    except Image.DecompressionBombError as error:
+    except Image.DecompressionBombError as error:  # PIL's own header check, at twice its MAX_IMAGE_PIXELS
         claimed = re.search(r"\((\d+) pixels\)", str(error))
         pixels = claimed.group(1) if claimed else f"more than {max_pixels}"
         raise ImageTooLargeError(f"image {name} has {pixels} pixels; the limit is {max_pixels}") from None
-    except Exception:
+    except Exception:  # UnidentifiedImageError, SyntaxError, struct.error ... on junk headers
         raise InvalidInputError(f"cannot read image {name}: not a decodable image (JPEG, PNG, WebP, BMP ...)") from None
     if width < 1 or height < 1:
         raise InvalidInputError(f"image {name} has no pixels ({width}x{height})")
