@@ -53,10 +53,14 @@ def test_overlay_shrinks_sizes_and_keeps_every_stage_and_derivation(config):
     assert trial["model"]["variant"] == "vitpose-tiny" and trial["scaling"]["node_resources"] == {"gpu_node": 0.5}
     assert trial["scaling"].get("strategy", "ddp") == finetune.get("strategy", "ddp")
     assert stages["tune"]["name"] == original.tune["name"]
-    assert set(stages["tune"]["search_space"]) == set(original.tune["search_space"])  # every axis kept
+    axes = stages["tune"]["search_space"]
+    assert set(original.tune["search_space"]) <= set(axes)  # every axis of the config kept
+    # the overlay pins resolution to one value: a config without a resolution axis gains a one-value one
+    assert axes["model.input_size"]["grid"] == [[64, 96]]
     assert plan["resources"]["tune"]["per_trial"]["per_worker"]["gpu_node"] == 0.5
-    # distill's student derives from finetune too (its data, optimiser), model shrunk
-    assert stages["distill"]["optim"]["lr"] == stages["finetune"]["optim"]["lr"]
+    # distill's student derives from finetune too (its data, and its optimiser unless distill names one)
+    own_lr = original.distill.get("optim", {}).get("lr")  # a config may give the student its own lr
+    assert stages["distill"]["optim"]["lr"] == (own_lr if own_lr is not None else stages["finetune"]["optim"]["lr"])
     assert stages["distill"]["data"]["batch_size"] == stages["finetune"]["data"]["batch_size"]
     assert plan["resources"]["serve"]["per_model_replica"] == {"CPU": 0.5, "GPU": 0.0}
     assert stages["serve"]["port"] == 18123
