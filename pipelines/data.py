@@ -50,11 +50,10 @@ from pipelines.config import StrictConfig
 from vitpose_core.augment import NO_AUGMENT, AugmentConfig, augment_top_down
 from vitpose_core.codec import UDPHeatmapCodec
 from vitpose_core.geometry import compose_affine, fix_aspect_ratio, invert_affine
+from vitpose_core.inference import normalize_images
 from vitpose_core.keypoints import AIC, COCO, KEYPOINT_SETS, KeypointSet, aic_to_coco, resolve_keypoint_set
 from vitpose_core.multi_dataset import dataset_schedule, pad_keypoint_targets
 
-IMAGENET_MEAN_RGB = np.array([0.485, 0.456, 0.406], np.float32) * 255.0
-IMAGENET_STD_RGB = np.array([0.229, 0.224, 0.225], np.float32) * 255.0
 SHARDS_DIR = "shards"  # under the shard stage's output URI (pipelines/shard/run.py)
 
 
@@ -269,15 +268,15 @@ class PoseBatchTransform:
                 points = np.concatenate([points, np.zeros((self.max_keypoints - len(points), 3))], axis=0)
                 indices.append(index)
             crop_to_image = np.asarray(cols["crop_to_image"][i], np.float64)
-            rgb = sample.image[:, :, ::-1].astype(np.float32)
-            out["image"].append(((rgb - IMAGENET_MEAN_RGB) / IMAGENET_STD_RGB).transpose(2, 0, 1))  # (H, W, 3) -> (3, H, W)
+            out["image"].append(sample.image)  # (H, W, 3) BGR uint8; normalised as one batch below
             out["target"].append(heatmaps)
             out["target_weight"].append(weights)
             out["keypoints"].append(points)
             out["crop_to_input"].append(sample.image_to_input)
             out["crop_to_image"].append(crop_to_image)
             out["input_to_image"].append(compose_affine(crop_to_image, invert_affine(sample.image_to_input)))
-        batch = {k: np.stack(v).astype(np.float32) for k, v in out.items()}
+        images = normalize_images(np.stack(out.pop("image")), channel_order="bgr")  # (N, 3, H, W) float32
+        batch = {"image": images, **{k: np.stack(v).astype(np.float32, copy=False) for k, v in out.items()}}
         batch["image_id"] = table.column("image_id").to_numpy().astype(np.int64)
         batch["ann_id"] = table.column("ann_id").to_numpy().astype(np.int64)
         batch["bbox"] = np.asarray(table.column("bbox").to_pylist(), np.float32).reshape(-1, 4)

@@ -35,14 +35,7 @@ import numpy as np
 
 from pipelines import storage
 from pipelines.contract import StageOutput
-from pipelines.data import (
-    IMAGENET_MEAN_RGB,
-    IMAGENET_STD_RGB,
-    iter_pose_batches,
-    row_keypoint_set,
-    shard_keypoint_sets,
-    stream_keypoint_set,
-)
+from pipelines.data import iter_pose_batches, row_keypoint_set, shard_keypoint_sets, stream_keypoint_set
 from pipelines.finetune.config import FinetuneConfig
 from pipelines.tracking import Tracker
 from pipelines.training.recipe import TrainingRecipe
@@ -52,6 +45,7 @@ from vitpose_core.codec import UDPHeatmapCodec
 from vitpose_core.datasets import parse_annotation_bytes, records_to_coco
 from vitpose_core.engine import EngineConfig, FinetuneTask, evaluate_coco_ap, predict_keypoints
 from vitpose_core.evaluation import load_ground_truth
+from vitpose_core.inference import IMAGENET_MEAN, IMAGENET_STD
 from vitpose_core.keypoints import KeypointSet
 from vitpose_core.mae import ENCODER_WEIGHTS_NAME, load_pretrained_encoder
 from vitpose_core.models import ViTPose, build_model
@@ -228,7 +222,7 @@ def _log_predictions_png(model: ViTPose, batch: dict, codec: UDPHeatmapCodec, ke
     identity = np.repeat(np.eye(2, 3)[None], count, axis=0)
     out = next(predict_keypoints(model, [{"image": batch["image"][:count], "input_to_image": identity}], codec, engine))
     keypoints, scores = out["keypoints"], out["scores"]
-    images = batch["image"][:count].numpy().transpose(0, 2, 3, 1) * IMAGENET_STD_RGB + IMAGENET_MEAN_RGB
+    images = batch["image"][:count].numpy().transpose(0, 2, 3, 1) * IMAGENET_STD + IMAGENET_MEAN
     tiles = [draw_poses(np.clip(image, 0, 255).astype(np.uint8),
                         np.concatenate([keypoints[i:i + 1], scores[i:i + 1, :, None]], axis=-1), keypoint_set,
                         score_threshold=0.2)

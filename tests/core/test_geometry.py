@@ -160,3 +160,18 @@ def test_augment_rejects_wrong_keypoint_count():
     with pytest.raises(ValueError, match="17 keypoints"):
         augment_top_down(np.zeros((10, 10, 3), np.uint8), np.zeros((14, 2)), np.zeros(14), [5, 5], [5, 5],
                          INPUT_SIZE, COCO, np.random.default_rng(0))
+
+
+def test_normalize_images_matches_the_per_pixel_formula_in_both_channel_orders():
+    from vitpose_core.inference import IMAGENET_MEAN, IMAGENET_STD, normalize_images
+
+    rgb = np.random.default_rng(0).integers(0, 256, (3, 5, 4, 3), dtype=np.uint8)
+    expected = ((rgb.astype(np.float64) - IMAGENET_MEAN) / IMAGENET_STD).transpose(0, 3, 1, 2)  # (N, 3, H, W)
+    for images, order in ((rgb, "rgb"), (np.ascontiguousarray(rgb[..., ::-1]), "bgr")):
+        out = normalize_images(images, channel_order=order)
+        assert out.dtype == np.float32 and out.shape == (3, 3, 5, 4) and out.flags["C_CONTIGUOUS"]
+        np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="channel_order"):
+        normalize_images(rgb, channel_order="hsv")
+    with pytest.raises(ValueError, match=r"\[N, H, W, 3\]"):
+        normalize_images(rgb[0])

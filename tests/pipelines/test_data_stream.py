@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.data import IMAGENET_MEAN_RGB, StreamConfig, iter_pose_batches, prefetch, read_shards
+from pipelines.data import StreamConfig, iter_pose_batches, prefetch, read_shards
 from pipelines.shard.config import ShardConfig
 from pipelines.shard.run import run_shard, write_synthetic_dataset
 from vitpose_core.codec import UDPHeatmapCodec
 from vitpose_core.geometry import transform_points
+from vitpose_core.inference import IMAGENET_MEAN, IMAGENET_STD
 from vitpose_core.keypoints import COCO
 from vitpose_core.synthetic import SyntheticConfig
 
@@ -55,7 +56,7 @@ def test_batches_have_the_documented_shapes_at_any_resolution(shards, input_size
         assert batch[key].shape == (8, 2, 3)
     assert batch["image_id"].dtype == torch.int64 and batch["bbox"].shape == (8, 4)
     # ImageNet-normalised: the black context padding maps to -mean/std
-    assert batch["image"].amin() == pytest.approx(float(-(IMAGENET_MEAN_RGB / (np.array([0.229, 0.224, 0.225]) * 255)).max()),
+    assert batch["image"].amin() == pytest.approx(float(-(IMAGENET_MEAN / IMAGENET_STD).max()),
                                                   abs=0.05)
     assert float(batch["target"].amax()) == pytest.approx(1.0, abs=0.01)
 
