@@ -245,6 +245,11 @@ class PoseBatchTransform:
         return keypoints
 
     def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
+        return normalize_batch(self.prepare(table))
+
+    def prepare(self, table: pa.Table) -> dict[str, np.ndarray]:
+        """Everything but the normalisation: ``image`` stays BGR uint8 [N, H, W, 3], a quarter of the
+        float32 bytes, which is what crosses processes when Ray Data runs the transform (``transform_in_ray_data``)."""
         cv2.setNumThreads(1)
         cols = {name: table.column(name).to_pylist() for name in
                 ("keypoints", "crop_to_image", "person_center", "person_scale", "dataset")}
@@ -275,8 +280,8 @@ class PoseBatchTransform:
             out["crop_to_input"].append(sample.image_to_input)
             out["crop_to_image"].append(crop_to_image)
             out["input_to_image"].append(compose_affine(crop_to_image, invert_affine(sample.image_to_input)))
-        images = normalize_images(np.stack(out.pop("image")), channel_order="bgr")  # (N, 3, H, W) float32
-        batch = {"image": images, **{k: np.stack(v).astype(np.float32, copy=False) for k, v in out.items()}}
+        batch = {"image": np.stack(out.pop("image")),  # (N, H, W, 3) BGR uint8
+                 **{k: np.stack(v).astype(np.float32, copy=False) for k, v in out.items()}}
         batch["image_id"] = table.column("image_id").to_numpy().astype(np.int64)
         batch["ann_id"] = table.column("ann_id").to_numpy().astype(np.int64)
         batch["bbox"] = np.asarray(table.column("bbox").to_pylist(), np.float32).reshape(-1, 4)
@@ -284,6 +289,45 @@ class PoseBatchTransform:
         if self.datasets:
             batch["dataset_index"] = np.asarray(indices, np.int64)
         return batch
+
+
+def normalize_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A prepared batch (``PoseBatchTransform.prepare``) made model-ready: ``image`` BGR uint8 [N, H, W, 3]
+    -> ImageNet-normalised RGB float32 [N, 3, H, W]; the other keys as they are."""
+    return {**batch, "image": normalize_images(np.asarray(batch["image"]), channel_order="bgr")}
+
+
+def transform_in_ray_data(dataset: Any, config: StreamConfig, *, keypoint_sets: Mapping[str, KeypointSet],
+                          batch_size: int, num_cpus: float = 1.0, resources: Mapping[str, float] | None = None,
+                          max_tasks: int | None = None) -> Any:
+    """The training transform as a Ray Data operator: ``dataset`` (shard rows) -> prepared rows.
+
+    Ray Data runs it in tasks on whatever nodes hold ``num_cpus`` and ``resources`` (e.g. CPU-only nodes),
+    streaming the results into the Train workers' dataset shards, so decode, augment and encode scale
+    with the cluster's CPUs instead of the Train worker's. Rows leave the task prepared
+    (``PoseBatchTransform.prepare``: uint8 images); the consumer normalises them (``iter_prepared_batches``).
+
+    Augmentation draws come from fresh OS entropy in every task: a pass over the data re-runs the
+    transform, so each epoch draws anew, but which task transforms which rows is Ray's scheduling, so
+    draws are not reproducible run to run (the in-worker path, seeded by seed / epoch / rank, is).
+    """
+    def prepare(table: pa.Table) -> dict[str, np.ndarray]:
+        return PoseBatchTransform(config, np.random.default_rng(), keypoint_sets).prepare(table)
+
+    return dataset.map_batches(prepare, batch_size=batch_size, batch_format="pyarrow", num_cpus=num_cpus,
+                               resources=dict(resources or {}) or None, concurrency=max_tasks)
+
+
+def iter_prepared_batches(source: Any, *, batch_size: int, seed: int = 0, epoch: int = 0, rank: int = 0,
+                          shuffle: bool = True, shuffle_buffer: int = 1024,
+                          drop_last: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """Model-ready batches (module docstring) from a DataIterator over ``transform_in_ray_data`` rows."""
+    rng = np.random.default_rng([seed, epoch, rank])
+    batches = source.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last,
+                                  local_shuffle_buffer_size=shuffle_buffer if shuffle else None,
+                                  local_shuffle_seed=int(rng.integers(2**31)) if shuffle else None)
+    for batch in batches:
+        yield {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in normalize_batch(batch).items()}
 
 
 def mix_by_ratio(tables: Iterable[pa.Table], datasets: Sequence[str], ratios: Sequence[float], batch_size: int,

@@ -63,7 +63,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
     import ray.train.torch
 
-    from pipelines.data import iter_pose_batches, prefetch, shard_keypoint_sets
+    from pipelines.data import iter_pose_batches, iter_prepared_batches, prefetch, shard_keypoint_sets
 
     setup: LoopConfig = loop_config["setup"]
     recipe, config = setup.recipe, setup.config
@@ -130,9 +130,14 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
 
         while progress.epoch < config.schedule.epochs and progress.step < total_steps:
             epoch = progress.epoch
-            batches = iter_pose_batches(shard, stream, batch_size=per_worker_batch, seed=config.seed, epoch=epoch,
-                                        rank=rank, drop_last=True, shuffle_buffer=config.data.shuffle_buffer,
-                                        **stream_options)
+            if config.data.preprocess.where == "ray_data":  # rows arrive transformed (trainer.train_dataset)
+                batches = iter_prepared_batches(shard, batch_size=per_worker_batch, seed=config.seed, epoch=epoch,
+                                                rank=rank, shuffle=stream.augment, drop_last=True,
+                                                shuffle_buffer=config.data.shuffle_buffer)
+            else:
+                batches = iter_pose_batches(shard, stream, batch_size=per_worker_batch, seed=config.seed,
+                                            epoch=epoch, rank=rank, drop_last=True,
+                                            shuffle_buffer=config.data.shuffle_buffer, **stream_options)
             if config.data.prefetch_batches:
                 batches = prefetch(batches, depth=config.data.prefetch_batches)
             try:

@@ -66,6 +66,19 @@ class ModelSection(StrictConfig):
         return fields
 
 
+class PreprocessSection(StrictConfig):
+    """Where the training transform (decode, augment, heatmap targets) runs."""
+    where: Literal["train_worker", "ray_data"] = Field(
+        "train_worker", description="train_worker: in each Train worker, on one background thread (~500 crops/s "
+        "per core at 256x192, bench/results/data_feeding.md); ray_data: Ray Data tasks on any node with `num_cpus` "
+        "and `resources`, streamed into the workers: use it when one core per worker cannot feed its GPU")
+    num_cpus: float = Field(1.0, gt=0, description="ray_data: CPUs per transform task")
+    resources: dict[str, float] = Field(default_factory=dict, description="ray_data: custom resources per task, "
+                                        "to place the transform on a node type (e.g. {cpu_node: 0.01})")
+    max_tasks: int | None = Field(None, ge=1, description="ray_data: at most this many transform tasks at once; "
+                                  "None: as many as the cluster's free CPUs allow")
+
+
 class DataSection(StrictConfig):
     shards: str | None = Field(None, description="output of the shard stage (local path or s3://); the "
                                "`vitpose run` pipeline fills it in")
@@ -75,6 +88,7 @@ class DataSection(StrictConfig):
     prefetch_batches: int = Field(2, ge=0, description="batches prepared ahead on a background thread of each "
                                   "worker (decode, augment, encode overlap the step); 0: in the step's thread")
     stream: StreamConfig = StreamConfig()
+    preprocess: PreprocessSection = PreprocessSection()
 
     @model_validator(mode="after")
     def _input_size_lives_in_model(self) -> DataSection:

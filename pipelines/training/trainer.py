@@ -41,6 +41,25 @@ def worker_resources(scaling: ScalingSection) -> dict[str, float]:
     return {**resources, **scaling.node_resources}
 
 
+def train_dataset(recipe: TrainingRecipe, config: Any):
+    """The train split as a Ray Dataset: shard rows, or rows Ray Data already transformed (``data.preprocess``)."""
+    from pipelines.data import read_shards, shard_keypoint_sets, transform_in_ray_data
+
+    rows = read_shards(config.data.shards, split="train")
+    preprocess = config.data.preprocess
+    if preprocess.where == "train_worker":
+        return rows
+    options = recipe.stream_options(config) if recipe.stream_options is not None else {}
+    if options.get("mixed_datasets"):
+        raise ValueError(f"{recipe.name}: data.preprocess.where: ray_data does not mix datasets by ratio (the mix is "
+                         "cut from the row stream inside each worker); use train_worker for a multi-dataset run")
+    keypoint_sets = options.get("keypoint_sets") or shard_keypoint_sets(config.data.shards)
+    return transform_in_ray_data(rows, config.data.stream_config(config.model.input_size), keypoint_sets=keypoint_sets,
+                                 batch_size=config.data.batch_size // config.scaling.num_workers,
+                                 num_cpus=preprocess.num_cpus, resources=preprocess.resources,
+                                 max_tasks=preprocess.max_tasks)
+
+
 def build_trainer(recipe: TrainingRecipe, config: Any, *, name: str | None = None, callbacks: list | None = None,
                   train_fn: Callable[[dict], Any] | None = None):
     """The ``TorchTrainer`` of a training run.
@@ -52,8 +71,6 @@ def build_trainer(recipe: TrainingRecipe, config: Any, *, name: str | None = Non
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    from pipelines.data import read_shards
 
     if not config.data.shards:
         raise ValueError(f"{recipe.name}: data.shards is not set (the shard stage's output URI)")
@@ -80,7 +97,7 @@ def build_trainer(recipe: TrainingRecipe, config: Any, *, name: str | None = Non
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.num_to_keep),
             worker_runtime_env={"env_vars": forwarded_env()},
         ),
-        datasets={"train": read_shards(config.data.shards, split="train")},
+        datasets={"train": train_dataset(recipe, config)},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         torch_config=TorchConfig(backend=None, timeout_s=1800),  # None: nccl on GPU, gloo on CPU
     )

@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.data import StreamConfig, iter_pose_batches, prefetch, read_shards
+from pipelines.data import (
+    StreamConfig,
+    iter_pose_batches,
+    iter_prepared_batches,
+    prefetch,
+    read_shards,
+    shard_keypoint_sets,
+    transform_in_ray_data,
+)
 from pipelines.shard.config import ShardConfig
 from pipelines.shard.run import run_shard, write_synthetic_dataset
 from vitpose_core.codec import UDPHeatmapCodec
@@ -149,6 +157,44 @@ def test_ray_dataset_path(shards):
     batches = collect(iter_pose_batches(train, StreamConfig(input_size=(96, 128)), batch_size=8, drop_last=True))
     assert len(batches["ann_id"]) == 8 * (train.count() // 8)
     assert batches["image"].shape[1:] == (3, 128, 96)
+
+
+def test_ray_data_transform_gives_the_in_worker_batches(shards):
+    """data.preprocess.where: ray_data: the transform in Ray Data tasks, normalised by the consumer, equals the
+    in-worker stream row for row (augmentation off); with augmentation the targets still follow the keypoints."""
+    out, originals, _ = shards
+    keypoint_sets = shard_keypoint_sets(out)
+    plain = StreamConfig(input_size=(96, 128), augment=False, keypoints="coco")
+    in_worker = collect(iter_pose_batches(out, plain, batch_size=8, split="train", shuffle=False))
+    prepared = transform_in_ray_data(read_shards(out, split="train"), plain, keypoint_sets=keypoint_sets,
+                                     batch_size=8, num_cpus=0.5, max_tasks=2)
+    first = next(iter(prepared.iter_batches(batch_size=8, batch_format="numpy")))
+    assert first["image"].dtype == np.uint8 and first["image"].shape[1:] == (128, 96, 3)  # what crosses processes
+    from_ray = collect(iter_prepared_batches(prepared, batch_size=8, shuffle=False))
+    order = torch.argsort(from_ray["ann_id"])
+    assert torch.equal(from_ray["ann_id"][order], torch.sort(in_worker["ann_id"]).values)
+    expected_order = torch.argsort(in_worker["ann_id"])
+    for key, value in in_worker.items():
+        assert from_ray[key].dtype == value.dtype, key
+        torch.testing.assert_close(from_ray[key][order], value[expected_order], rtol=0, atol=0, msg=key)
+
+    # augmented in the tasks: every row's keypoints still map back onto its annotation, and draws differ by row
+    augmented = StreamConfig(input_size=(96, 128), flip_prob=0.5, rotation_prob=1.0, keypoints="coco")
+    batch = collect(iter_prepared_batches(transform_in_ray_data(read_shards(out, split="train"), augmented,
+                                                                keypoint_sets=keypoint_sets, batch_size=8),
+                                          batch_size=8, shuffle=True, shuffle_buffer=16))
+    flips = 0
+    for i, ann_id in enumerate(batch["ann_id"].tolist()):
+        if ann_id not in originals:  # an AIC-layout row mapped onto COCO: covered by the in-worker tests
+            continue
+        flipped = bool(np.linalg.det(batch["crop_to_input"][i, :, :2].numpy()) < 0)
+        expected = originals[ann_id][COCO.flip_index] if flipped else originals[ann_id]
+        keypoints = batch["keypoints"][i].numpy().astype(np.float64)
+        labelled = keypoints[:, 2] > 0
+        back = transform_points(keypoints[labelled, :2], batch["input_to_image"][i].numpy().astype(np.float64))
+        np.testing.assert_allclose(back, expected[labelled, :2], atol=0.05)
+        flips += flipped
+    assert 0 < flips < len(batch["ann_id"])
 
 
 @pytest.mark.slow

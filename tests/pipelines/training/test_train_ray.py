@@ -191,3 +191,18 @@ def test_pretrain_runs_one_worker_and_exports_an_encoder_finetune_can_load(tiny_
     model = build_finetune_model(finetune_config(tiny_shards, tmp_path, **{"model.pretrained": str(encoder),
                                                                             "model.input_size": "[96, 128]"}))
     assert model.backbone.pos_embed.shape[1] == 8 * 6 + 1  # resized from the 4x3 pretraining grid
+
+
+def test_finetune_fed_by_ray_data_transform_tasks(tiny_shards, tmp_path):
+    """data.preprocess.where: ray_data: the Train workers consume rows Ray Data tasks decoded, augmented and
+    encoded (uint8 images, normalised in the worker); a whole epoch trains, validates and exports."""
+    config = finetune_config(tiny_shards, tmp_path, **{"schedule.epochs": 1, "tracking.enabled": False,
+                                                      "data.preprocess.where": "ray_data",
+                                                      "data.preprocess.num_cpus": 0.5,
+                                                      "data.preprocess.max_tasks": 2})
+    output = run_finetune(config, name="ft-ray-data")
+    assert output.metrics["steps"] == train_rows(tiny_shards) // 8
+    assert 0.0 <= output.metrics["val_AP"] <= 1.0
+    assert load_model(output.outputs["checkpoint"]).config.img_size == (64, 48)
+    with pytest.raises(ValueError, match=r"data\.preprocess\.where"):  # a typo'd place names the key
+        finetune_config(tiny_shards, tmp_path, **{"data.preprocess.where": "gpu"})
