@@ -105,6 +105,11 @@ def _needs_gpus(configs: dict[str, Any]) -> bool:
 TRAINING_KEYS = {"CPU": "cpus_per_worker", "GPU": "gpus_per_worker"}
 SERVE_KEYS = {"CPU": "model_num_cpus", "GPU": "model_num_gpus"}
 DETECT_KEYS = {"CPU": "num_cpus", "GPU": "num_gpus"}
+TRANSFORM_KEYS = {"CPU": "num_cpus"}  # anything else is under data.preprocess.resources
+
+
+def _unit(keys: dict[str, str]) -> str:
+    return {id(TRANSFORM_KEYS): "task", id(DETECT_KEYS): "task", id(SERVE_KEYS): "replica"}.get(id(keys), "worker")
 
 
 def _resource_problems(resources: dict[str, Any], nodes: dict[str, dict[str, float]], cluster_file: Any) -> list[str]:
@@ -114,6 +119,12 @@ def _resource_problems(resources: dict[str, Any], nodes: dict[str, dict[str, flo
             ("tune", "tune.finetune.scaling", resources["tune"]["per_trial"]["per_worker"], TRAINING_KEYS),
             ("distill", "distill.scaling", resources["distill"]["per_worker"], TRAINING_KEYS),
             ("serve", "serve.resources", resources["serve"]["per_model_replica"], SERVE_KEYS)]
+    for stage, prefix in (("pretrain", "pretrain"), ("finetune", "finetune"), ("distill", "distill")):
+        if "per_transform_task" in resources[stage]:  # data.preprocess.where: ray_data
+            asks.append((stage, f"{prefix}.data.preprocess", resources[stage]["per_transform_task"], TRANSFORM_KEYS))
+    if "per_transform_task" in resources["tune"]["per_trial"]:
+        asks.append(("tune", "tune.finetune.data.preprocess", resources["tune"]["per_trial"]["per_transform_task"],
+                     TRANSFORM_KEYS))
     if "detect" in resources:  # optional stage: only when the pipeline file has its section
         asks.append(("detect", "detect.resources", resources["detect"]["per_task"], DETECT_KEYS))
     problems = []
@@ -123,10 +134,11 @@ def _resource_problems(resources: dict[str, Any], nodes: dict[str, dict[str, flo
         for resource, value in ask.items():
             most = max(offer.get(resource, 0.0) for offer in nodes.values())
             if value > most:
-                key = f"{prefix}.{keys.get(resource, 'node_resources.' + resource)}"
-                problems.append(f"[{stage}] {key} = {value:g} {resource} per worker, but no node type of "
+                custom = "resources." if keys is TRANSFORM_KEYS else "node_resources."
+                key = f"{prefix}.{keys.get(resource, custom + resource)}"
+                problems.append(f"[{stage}] {key} = {value:g} {resource} per {_unit(keys)}, but no node type of "
                                 f"{cluster_file} offers more than {most:g} {resource}")
-        if not any(problem.startswith(f"[{stage}]") for problem in problems):  # each fits somewhere, not together
-            problems.append(f"[{stage}] {prefix} asks {ask} per worker; no single node type of {cluster_file} "
+        if not any(problem.startswith(f"[{stage}] {prefix}.") for problem in problems):  # each fits, not together
+            problems.append(f"[{stage}] {prefix} asks {ask} per {_unit(keys)}; no single node type of {cluster_file} "
                             "offers all of it")
     return problems

@@ -71,4 +71,4 @@ def run(config: DistillConfig, upstream: Upstream, force: bool) -> StageOutput:
 
 
 SPEC = StageSpec("distill", inputs=("shard",), optional_inputs=TEACHER_STAGES, section=section, build=build,
-                 run=run, resources=lambda config: training_resources(config.scaling))
+                 run=run, resources=lambda config: training_resources(config))

@@ -30,4 +30,4 @@ def run(config: FinetuneConfig, upstream: Upstream, force: bool) -> StageOutput:
 
 
 SPEC = StageSpec("finetune", inputs=("shard",), optional_inputs=("pretrain",), section=section, build=build,
-                 run=run, resources=lambda config: training_resources(config.scaling))
+                 run=run, resources=lambda config: training_resources(config))

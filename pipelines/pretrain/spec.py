@@ -25,4 +25,4 @@ def run(config: PretrainConfig, upstream: Upstream, force: bool) -> StageOutput:
 
 
 SPEC = StageSpec("pretrain", inputs=("shard",), section=section, build=build, run=run,
-                 resources=lambda config: training_resources(config.scaling))
+                 resources=lambda config: training_resources(config))

@@ -26,7 +26,13 @@ def with_pipeline_owned(stage: str, section: dict[str, Any], upstream: Upstream 
     return deep_merge(deep_merge(defaults, section), tracking)
 
 
-def training_resources(scaling: ScalingSection) -> dict[str, Any]:
-    """Workers, what each reserves, and how the model is split over them."""
-    return {"workers": scaling.num_workers, "per_worker": worker_resources(scaling), "strategy": scaling.strategy,
-            "precision": scaling.precision}
+def training_resources(config: Any) -> dict[str, Any]:
+    """Workers, what each reserves, and how the model is split over them; with ``data.preprocess.where:
+    ray_data``, also what each transform task reserves."""
+    scaling: ScalingSection = config.scaling
+    resources = {"workers": scaling.num_workers, "per_worker": worker_resources(scaling),
+                 "strategy": scaling.strategy, "precision": scaling.precision}
+    preprocess = config.data.preprocess
+    if preprocess.where == "ray_data":
+        resources["per_transform_task"] = {"CPU": preprocess.num_cpus, **preprocess.resources}
+    return resources

@@ -50,7 +50,7 @@ def run(config: TuneConfig, upstream: Upstream, force: bool) -> StageOutput:
 def resources(config: TuneConfig) -> dict[str, Any]:
     trial = trial_finetune_config(config, {}, "plan")
     return {"concurrent_trials": config.max_concurrent_trials, "trial_driver_cpus": config.trial_driver_cpus,
-            "per_trial": training_resources(trial.scaling)}
+            "per_trial": training_resources(trial)}
 
 
 SPEC = StageSpec("tune", inputs=("shard",), optional_inputs=("pretrain", "finetune"), section=section, build=build,

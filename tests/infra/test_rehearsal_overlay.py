@@ -48,6 +48,11 @@ def test_overlay_shrinks_sizes_and_keeps_every_stage_and_derivation(config):
     assert stages["finetune"]["scaling"]["strategy"] == finetune.get("strategy", "ddp")
     assert stages["finetune"]["scaling"]["precision"] == "auto"
     assert stages["finetune"]["model"]["input_size"] == [64, 96]
+    # where the transform runs stays the config's (Ray Data tasks for ViTPose-B); only its size shrinks
+    preprocess = stages["finetune"]["data"]["preprocess"]
+    assert preprocess["where"] == original.finetune.get("data", {}).get("preprocess", {}).get("where", "train_worker")
+    assert preprocess["num_cpus"] == 0.25
+    assert stages["tune"]["finetune"]["data"]["preprocess"] == preprocess
     # tune's trials still derive from the (shrunk) finetune section, with the sweep's own schedule
     trial = stages["tune"]["finetune"]
     assert trial["model"]["variant"] == "vitpose-tiny" and trial["scaling"]["node_resources"] == {"gpu_node": 0.5}

@@ -51,6 +51,11 @@ def test_cluster_configs_tune_and_teach_the_finetune_variant_on_gpus(name, varia
                                 "distill_teacher": [variant], "distill_student": student}
     trial = result["resources"]["tune"]["per_trial"]
     assert trial["workers"] == 8 and trial["per_worker"]["GPU"] == 1.0  # not the CPU tiny sweep
+    # ViTPose-B's GPUs are fed by Ray Data transform tasks, and so are the trials and the student derived from it;
+    # ViTPose-H mixes COCO and AIC by ratio, cut in each worker (data.preprocess.where: train_worker)
+    fed = {"CPU": 1.0} if variant == "vitpose-b" else None
+    for ask in (result["resources"]["finetune"], trial, result["resources"]["distill"]):
+        assert ask.get("per_transform_task") == fed
     assert result["stages"]["tune"]["finetune"]["model"]["input_size"] == [192, 256]
     # the search space still varies what the sweep is for
     assert {"model.input_size", "attention"} <= set(result["stages"]["tune"]["search_space"])
@@ -63,6 +68,11 @@ def test_cluster_configs_tune_and_teach_the_finetune_variant_on_gpus(name, varia
     ("finetune.scaling.gpus_per_worker=16",
      r"\[finetune\] finetune.scaling.gpus_per_worker = 16 GPU per worker, but no node type of .*ray_cluster.yaml "
      r"offers more than 8 GPU"),
+    ("finetune.data.preprocess.num_cpus=200",
+     r"\[finetune\] finetune.data.preprocess.num_cpus = 200 CPU per task, but no node type of .*ray_cluster.yaml "
+     r"offers more than 96 CPU"),
+    ("finetune.data.preprocess.resources={cpu_node: 1}",
+     r"\[finetune\] finetune.data.preprocess.resources.cpu_node = 1 cpu_node per task, but no node type"),
     ("finetune.model.input_size=[190,256]",
      r"\[finetune\] invalid FinetuneConfig .*\n\s+model.input_size: .*must be multiples of the patch size 16"),
     ("finetune.model.attention=shifted_window",

@@ -103,7 +103,7 @@ def test_the_cluster_configs_commented_detect_section_validates_and_plans(name, 
     code = main(["plan", "--config", str(CONFIGS / name), "--overlay", str(overlay),
                  "--set", "detect.resources.num_gpus=16"])
     assert code == 2
-    assert re.search(r"\[detect\] detect.resources.num_gpus = 16 GPU per worker, but no node type", capsys.readouterr().err)
+    assert re.search(r"\[detect\] detect.resources.num_gpus = 16 GPU per task, but no node type", capsys.readouterr().err)
 
 
 def test_torchvision_backbone_weights_load_into_the_detector_and_unfitting_weights_are_an_error():
