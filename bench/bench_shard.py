@@ -4,13 +4,20 @@
 
 1. Generates `--images` synthetic COCO images (vitpose_core.synthetic) into a temp directory.
 2. Baseline: one process, pycocotools to index the annotations, cv2 to read each image, the same
-   `cut_person_crop` + JPEG encode as the shard stage, pyarrow to write Parquet.
+   `cut_person_crop` + JPEG encode as the shard stage, the same rows (`crop_table`, every column of
+   the shard schema) written with pyarrow, 2048 rows per file. cv2 runs at its best setting for
+   one process: both settings (its own thread pool, one thread) are timed at `--images` and the faster
+   one is the baseline at every size. The loop does less per image than the stage (no header or
+   truncation checks, no record validation, no manifest), so the ratio errs against Ray.
 3. Ray: `run_shard` on `ray.init(num_cpus=2)` (after a small warm-up run that starts the workers).
-4. Memory: the same Ray run on `--large` images. Those are the same files linked under new names
-   (every image is still read and decoded separately), which avoids spending minutes drawing them.
-   Memory is sampled every 0.2 s over the driver and all its descendant processes (the whole local
-   Ray cluster): private memory (RssAnon, summed) and shared memory (RssShmem, the largest
-   single process, which covers the object store it maps).
+4. Both again, side by side, on `--large` images: the same files linked under new names (every image
+   is still read and decoded separately), which avoids spending minutes drawing them.
+
+Each run is measured for wall time, CPU seconds (user + system, summed over the process and every
+descendant: the whole local Ray cluster for Ray) and memory, sampled every 0.5 s over the same
+processes: private memory (RssAnon, summed) and shared memory (RssShmem, the largest single process,
+which covers the object store it maps). CPU seconds do not depend on what else runs on the machine
+as wall time does: Ray's CPU over the baseline's says how close 2 CPUs can get to 2x.
 
 Writes JSON and a Markdown table beside it.
 """
@@ -32,10 +39,9 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from pipelines.shard.crops import CropConfig, cut_person_crop  # noqa: E402
+from pipelines.shard.crops import CropConfig, crop_table, cut_person_crop  # noqa: E402
 from vitpose_core.synthetic import SyntheticConfig, coco_document, iter_dataset  # noqa: E402
 
 
@@ -80,8 +86,9 @@ def replicate(document: dict, folder: Path, root: Path, copies: int) -> tuple[Pa
     return path, big
 
 
-def baseline(annotations: Path, folder: Path, out: Path, crop: CropConfig, cv2_threads: int | None = None) -> dict:
-    """The single-process loop: pycocotools index, cv2 decode, same crop + encode, pyarrow write.
+def baseline(annotations: Path, folder: Path, out: Path, crop: CropConfig, cv2_threads: int | None = None,
+             rows_per_file: int = 2048) -> dict:
+    """The single-process loop: pycocotools index, cv2 decode, same crop + encode + rows, pyarrow write.
 
     `cv2_threads=None` leaves cv2's own thread pool on (what a plain script gets); 1 pins it to one core.
     """
@@ -90,39 +97,45 @@ def baseline(annotations: Path, folder: Path, out: Path, crop: CropConfig, cv2_t
     saved_threads = cv2.getNumThreads()
     if cv2_threads is not None:
         cv2.setNumThreads(cv2_threads)
-    start = time.perf_counter()
-    coco = COCO(str(annotations))
     out.mkdir(parents=True)
-    rows: dict[str, list] = {"image": [], "keypoints": [], "crop_to_image": [], "ann_id": []}
-    crops, part = 0, 0
-    for image_id in sorted(coco.getImgIds()):
-        info = coco.loadImgs(image_id)[0]
-        image = cv2.imread(str(folder / info["file_name"]), cv2.IMREAD_COLOR)
-        for ann in coco.loadAnns(coco.getAnnIds(imgIds=image_id, iscrowd=False)):
-            if ann["num_keypoints"] == 0 or ann["bbox"][2] <= 0 or ann["bbox"][3] <= 0:
-                continue
-            keypoints = np.asarray(ann["keypoints"], np.float64).reshape(-1, 3)
-            pixels, image_to_crop, moved = cut_person_crop(image, ann["bbox"], keypoints, crop)
-            ok, encoded = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, crop.jpeg_quality])
-            rows["image"].append(encoded.tobytes())
-            rows["keypoints"].append(moved.astype(np.float32).reshape(-1).tolist())
-            rows["crop_to_image"].append(cv2.invertAffineTransform(image_to_crop).reshape(-1).tolist())
-            rows["ann_id"].append(ann["id"])
-            crops += 1
-            if len(rows["image"]) == 2048:
-                pq.write_table(pa.table(rows), out / f"part-{part:05d}.parquet")
-                rows, part = {k: [] for k in rows}, part + 1
-    if rows["image"]:
-        pq.write_table(pa.table(rows), out / f"part-{part:05d}.parquet")
-    seconds = time.perf_counter() - start
+    with MemorySampler() as memory:
+        coco = COCO(str(annotations))
+        names = ("image", "keypoints", "crop_to_image", "num_keypoints", "bbox", "area", "image_id", "ann_id",
+                 "dataset", "split", "source", "width", "height")
+        columns: dict[str, list] = {name: [] for name in names}
+        crops, part = 0, 0
+        for image_id in sorted(coco.getImgIds()):
+            info = coco.loadImgs(image_id)[0]
+            image = cv2.imread(str(folder / info["file_name"]), cv2.IMREAD_COLOR)
+            for ann in coco.loadAnns(coco.getAnnIds(imgIds=image_id, iscrowd=False)):
+                if ann["num_keypoints"] == 0 or ann["bbox"][2] <= 0 or ann["bbox"][3] <= 0:
+                    continue
+                keypoints = np.asarray(ann["keypoints"], np.float64).reshape(-1, 3)
+                pixels, image_to_crop, moved = cut_person_crop(image, ann["bbox"], keypoints, crop)
+                ok, encoded = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, crop.jpeg_quality])
+                values = (encoded.tobytes(), moved, cv2.invertAffineTransform(image_to_crop), ann["num_keypoints"],
+                          ann["bbox"], ann["area"], image_id, ann["id"], "coco", "train", info["file_name"],
+                          info["width"], info["height"])
+                for name, value in zip(names, values, strict=True):
+                    columns[name].append(value)
+                crops += 1
+                if len(columns["image"]) == rows_per_file:
+                    pq.write_table(crop_table(columns, crop), out / f"part-{part:05d}.parquet")
+                    columns, part = {name: [] for name in names}, part + 1
+        if columns["image"]:
+            pq.write_table(crop_table(columns, crop), out / f"part-{part:05d}.parquet")
     cv2.setNumThreads(saved_threads)
-    return {"crops": crops, "seconds": round(seconds, 2), "crops_per_s": round(crops / seconds, 1)}
+    return {"cv2_threads": cv2_threads or saved_threads, "crops": crops, **memory.figures(crops)}
 
 
 class MemorySampler:
-    """Peak private (RssAnon, summed) and shared (RssShmem, max) memory of this process tree."""
+    """Wall time, CPU seconds, peak private (RssAnon, summed) and shared (RssShmem, max) memory of this process tree.
 
-    def __init__(self, interval: float = 0.2) -> None:
+    Sampling walks /proc, which costs the measured process CPU when the machine runs many processes:
+    every 0.5 s, and for both arms alike.
+    """
+
+    def __init__(self, interval: float = 0.5) -> None:
         self.interval, self.peak_private, self.peak_shared = interval, 0, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -156,51 +169,75 @@ class MemorySampler:
         self.peak_private, self.peak_shared = max(self.peak_private, private), max(self.peak_shared, shared)
 
     def _run(self) -> None:
-        while not self._stop.is_set():
+        while not self._stop.wait(self.interval):
             self._sample()
-            time.sleep(self.interval)
+
+    @classmethod
+    def _cpu_seconds(cls) -> dict[int, float]:
+        """pid -> user + system CPU seconds (its own and its waited-for children's) over the tree."""
+        seconds = {}
+        for pid in cls._tree():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            seconds[pid] = sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+        return seconds
 
     def __enter__(self) -> MemorySampler:
+        self._cpu_start = self._cpu_seconds()
+        self._start = time.perf_counter()
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self._start
         self._stop.set()
         self._thread.join()
+        self._sample()
+        end = self._cpu_seconds()
+        self.cpu_seconds = sum(s - self._cpu_start.get(pid, 0.0) for pid, s in end.items())
+
+    def figures(self, crops: int) -> dict:
+        return {"seconds": round(self.seconds, 2), "crops_per_s": round(crops / self.seconds, 1),
+                "cpu_seconds": round(self.cpu_seconds, 2), "peak_private_mib": round(self.peak_private / 2**20),
+                "peak_shared_mib": round(self.peak_shared / 2**20), "load_avg_1min_after": round(os.getloadavg()[0], 1)}
 
 
-def ray_run(annotations: Path, folder: Path, out: Path, crop: CropConfig, images: int,
-            images_per_task: int = 16) -> dict:
+def ray_run(annotations: Path, folder: Path, out: Path, crop: CropConfig, images: int, **shard: int) -> dict:
     from pipelines.shard.config import ShardConfig
     from pipelines.shard.run import run_shard
 
     config = ShardConfig.model_validate({
         "sources": [{"annotations": str(annotations), "images": str(folder), "dataset": "coco", "split": "train"}],
-        "out": str(out), "crop": crop.model_dump(), "images_per_task": images_per_task})
+        "out": str(out), "crop": crop.model_dump(), **shard})
     with MemorySampler() as memory:
-        start = time.perf_counter()
         manifest = run_shard(config, force=True)
-        seconds = time.perf_counter() - start
     crops = manifest["totals"]["rows_out"]
-    return {"images": images, "crops": crops, "skipped": manifest["totals"]["skipped"], "seconds": round(seconds, 2),
-            "crops_per_s": round(crops / seconds, 1), "peak_private_mib": round(memory.peak_private / 2**20),
-            "peak_shared_mib": round(memory.peak_shared / 2**20)}
+    return {"images": images, "crops": crops, "skipped": manifest["totals"]["skipped"],
+            "files": len(manifest["files"]), **memory.figures(crops)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=2000)
-    parser.add_argument("--large", type=int, default=20000, help="images for the second memory point (0: skip)")
-    parser.add_argument("--images-per-task", type=int, default=16, help="ShardConfig.images_per_task")
+    parser.add_argument("--large", type=int, default=20000, help="images for the second comparison (0: skip)")
+    parser.add_argument("--images-per-task", type=int, default=None, help="ShardConfig.images_per_task (default: its default)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "shard.json")
     args = parser.parse_args()
     import ray
 
+    from pipelines.shard.config import ShardConfig
+
     crop = CropConfig()
+    shard = {"images_per_task": args.images_per_task} if args.images_per_task else {}
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                                 "ray": ray.__version__, "load_avg_at_start": os.getloadavg()[0]},
-                     "crop": crop.model_dump(), "images": args.images,
-                     "images_per_task": args.images_per_task}
+                                 "ray": ray.__version__, "opencv": cv2.__version__,
+                                 "load_avg_at_start": round(os.getloadavg()[0], 1)},
+                     "crop": crop.model_dump(), "images": args.images, "large": args.large,
+                     "images_per_task": shard.get("images_per_task", ShardConfig.model_fields["images_per_task"].default),
+                     "runs": []}
     with tempfile.TemporaryDirectory(prefix="bench_shard_") as tmp:
         root = Path(tmp)
         start = time.perf_counter()
@@ -208,22 +245,39 @@ def main() -> None:
         results["generate_seconds"] = round(time.perf_counter() - start, 1)
         print(f"generated {args.images} images in {results['generate_seconds']} s", flush=True)
         warm, _, _ = make_dataset(root / "warm", 20, seed=1)  # before ray.init: no fork of a Ray driver
-        results["baseline_single_process"] = baseline(annotations, folder, root / "baseline", crop)
-        print("baseline", results["baseline_single_process"], flush=True)
-        results["baseline_single_thread"] = baseline(annotations, folder, root / "baseline1", crop, cv2_threads=1)
-        print("baseline, cv2 on one thread", results["baseline_single_thread"], flush=True)
-
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
-        ray_run(warm, root / "warm" / "images", root / "warm_out", crop, 20)  # starts the Ray workers
-        results["ray_data_2cpu"] = ray_run(annotations, folder, root / "ray_out", crop, args.images, args.images_per_task)
-        print("ray", results["ray_data_2cpu"], flush=True)
+        sizes = [(args.images, annotations, folder)]
         if args.large:
             big, big_folder = replicate(document, folder, root, max(1, args.large // args.images))
-            results["ray_data_2cpu_large"] = ray_run(big, big_folder, root / "ray_big", crop, args.large, args.images_per_task)
-            print("ray large", results["ray_data_2cpu_large"], flush=True)
-        results["machine"]["load_avg_at_end"] = os.getloadavg()[0]
+            sizes.append((args.large, big, big_folder))
+
+        def record(run: str, images: int, figures: dict) -> None:
+            results["runs"].append({"run": run, "images": images, **figures})
+            print(run, images, figures, flush=True)
+
+        # cv2's best setting for one process, chosen at the small size
+        threads_on = baseline(annotations, folder, root / "base_threads", crop)
+        record("single process, cv2 threads on", args.images, threads_on)
+        one_thread = baseline(annotations, folder, root / "base_1", crop, cv2_threads=1)
+        record("single process, cv2 on 1 thread", args.images, one_thread)
+        best = None if threads_on["seconds"] < one_thread["seconds"] else 1
+        results["baseline_cv2_threads"] = best or "cv2 default"
+        baseline_of = {args.images: threads_on if best is None else one_thread}  # images -> the baseline run
+
+        for images, ann, images_dir in sizes[1:]:  # the small size's baseline ran above
+            baseline_of[images] = baseline(ann, images_dir, root / f"base_{images}", crop, cv2_threads=best)
+            record("single process (baseline)", images, baseline_of[images])
+
+        # Ray last: an idle local cluster would count in the baseline's process tree and take CPU from it
+        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        # starts both Ray workers: 4 tasks of 5 images, two at a time
+        ray_run(warm, root / "warm" / "images", root / "warm_out", crop, 20, images_per_task=5)
+        for images, ann, images_dir in sizes:
+            record("Ray Data, 2 CPUs", images, ray_run(ann, images_dir, root / f"ray_{images}", crop, images, **shard))
+        results["machine"]["load_avg_at_end"] = round(os.getloadavg()[0], 1)
         ray.shutdown()
-    results["speedup"] = round(results["ray_data_2cpu"]["crops_per_s"] / results["baseline_single_process"]["crops_per_s"], 2)
+    results["speedup"] = {str(r["images"]): {"wall": round(r["crops_per_s"] / baseline_of[r["images"]]["crops_per_s"], 2),
+                                             "cpu_seconds_ratio": round(r["cpu_seconds"] / baseline_of[r["images"]]["cpu_seconds"], 2)}
+                          for r in results["runs"] if r["run"].startswith("Ray")}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
     args.out.with_suffix(".md").write_text(to_markdown(results))
@@ -231,31 +285,26 @@ def main() -> None:
 
 
 def to_markdown(r: dict) -> str:
-    b, s = r["baseline_single_process"], r["ray_data_2cpu"]
+    m = r["machine"]
     lines = [
         "# Shard stage benchmark (bench/bench_shard.py)", "",
         f"Synthetic COCO images {SyntheticConfig().width}x{SyntheticConfig().height}, crops "
-        f"{r['crop']['width']}x{r['crop']['height']} JPEG q{r['crop']['jpeg_quality']}; "
-        f"{r['machine']['cpus']} CPUs, Ray {r['machine']['ray']}; load average "
-        f"{r['machine']['load_avg_at_start']:.1f} at start, {r['machine']['load_avg_at_end']:.1f} at end "
-        "(other jobs shared the machine).", "",
-        "| run | images | crops | seconds | crops/s | peak private MiB | peak shared MiB |",
-        "|---|---|---|---|---|---|---|",
-        f"| single process (pycocotools + cv2, cv2 threads on) | {r['images']} | {b['crops']} | {b['seconds']} | {b['crops_per_s']} | - | - |",
-        f"| Ray Data, 2 CPUs, {r.get('images_per_task', 16)} images/task | {s['images']} | {s['crops']} | {s['seconds']} | {s['crops_per_s']} | "
-        f"{s['peak_private_mib']} | {s['peak_shared_mib']} |",
+        f"{r['crop']['width']}x{r['crop']['height']} JPEG q{r['crop']['jpeg_quality']}; {m['cpus']} CPUs, Ray {m['ray']}, "
+        f"OpenCV {m['opencv']}; Ray Data {r['images_per_task']} images per task; baseline cv2 threads: "
+        f"{r['baseline_cv2_threads']}. Load average {m['load_avg_at_start']} at start, {m['load_avg_at_end']} at end.", "",
+        "| run | images | crops | seconds | crops/s | CPU seconds | peak private MiB | peak shared MiB | load after |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    if "baseline_single_thread" in r:
-        t = r["baseline_single_thread"]
-        lines.insert(-1, f"| single process, cv2 on 1 thread | {r['images']} | {t['crops']} | {t['seconds']} | "
-                         f"{t['crops_per_s']} | - | - |")
-    if "ray_data_2cpu_large" in r:
-        g = r["ray_data_2cpu_large"]
-        lines.append(f"| Ray Data, 2 CPUs | {g['images']} | {g['crops']} | {g['seconds']} | {g['crops_per_s']} | "
-                     f"{g['peak_private_mib']} | {g['peak_shared_mib']} |")
-    lines += ["", f"Speed-up of Ray Data over the single-process loop: {r['speedup']}x. Ray timings include "
-              "planning, task scheduling and reading back the written files for the manifest; the workers "
-              "were started by a 20-image warm-up run. Peak memory covers the driver and every Ray process.", ""]
+    for run in r["runs"]:
+        lines.append(f"| {run['run']} | {run['images']} | {run['crops']} | {run['seconds']} | {run['crops_per_s']} | "
+                     f"{run['cpu_seconds']} | {run['peak_private_mib']} | {run['peak_shared_mib']} | "
+                     f"{run['load_avg_1min_after']} |")
+    lines += ["", "Ray Data over the single-process loop (crops/s), and Ray's CPU seconds over the loop's: "
+              + "; ".join(f"{n} images: {v['wall']}x, CPU {v['cpu_seconds_ratio']}x" for n, v in r["speedup"].items())
+              + ".", "",
+              "Ray timings are `run_shard` end to end: parsing and validating the annotations, planning, the tasks, "
+              "the manifest; both workers were started by a 20-image warm-up run. CPU seconds and memory cover the "
+              "driver and every Ray process (raylet, GCS, workers, Ray's own actors), or the one baseline process.", ""]
     return "\n".join(lines)
 
 

@@ -40,8 +40,10 @@ class ShardConfig(StrictConfig):
     synthetic: SyntheticSection | None = Field(None, description="also shard a generated synthetic train/val set")
     out: str
     crop: CropConfig = CropConfig()
-    rows_per_file: int = Field(2048, ge=1, description="target rows per Parquet file (min and max)")
-    images_per_task: int = Field(16, ge=1, description="images per map_batches call")
+    rows_per_file: int = Field(2048, ge=1, description="most rows per Parquet file; a task holds at most this many "
+                               "records and writes them to one file")
+    images_per_task: int = Field(256, ge=1, description="most images per Ray task (each task writes its own file): "
+                                 "smaller tasks balance the CPUs better, larger ones pay Ray's per-task cost less often")
     max_tasks: int | None = Field(None, ge=1, description="cap on concurrent crop tasks (None: Ray Data decides)")
     cpus_per_task: float = Field(1.0, gt=0)
     task_memory_mb: int = Field(768, ge=64, description="memory reserved per crop task (decoded images + crops)")

@@ -1,6 +1,7 @@
-"""The per-image work of the shard stage: read, decode once, cut every person, JPEG-encode.
+"""The per-image work of the shard stage: read, decode once, cut every person, JPEG-encode, write Parquet.
 
-`cut_image_batch` is the Ray Data UDF; `cut_person_crop` is the pure geometry it applies to each
+`shard_task` is the Ray Data UDF (one task: its images -> its Parquet files + bookkeeping);
+`cut_images` does the per-image work; `cut_person_crop` is the pure geometry it applies to each
 person, also used by the single-process baseline in bench/bench_shard.py so both do the same work.
 
 Crop geometry (UDP, see vitpose_core/geometry.py): the person box is grown to the crop's aspect
@@ -14,24 +15,21 @@ input of that size or smaller is never upsampled: 288x384 serves inputs up to 19
 from __future__ import annotations
 
 import json
+import pickle
+from collections import Counter
 from typing import Any
 
 import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 from pydantic import Field
 
 from pipelines import storage
 from pipelines.config import StrictConfig
 from vitpose_core.datasets import check_against_image, skip_record
-from vitpose_core.geometry import (
-    box_xywh_to_center_scale,
-    invert_affine,
-    transform_points,
-    udp_warp_matrix,
-    warp_image,
-)
+from vitpose_core.geometry import box_xywh_to_center_scale, transform_points, udp_warp_matrix, warp_image
 from vitpose_core.image_io import DATASET_MAX_IMAGE_PIXELS, ImageTooLargeError, image_size_from_bytes
 
 
@@ -129,27 +127,27 @@ def _read_image(uri: str, s3_fs: pafs.FileSystem | None) -> tuple[np.ndarray | N
     return image, "", ""
 
 
-def cut_image_batch(batch: pa.Table, *, crop: CropConfig, s3_fs: pafs.FileSystem | None,
-                    out_fs: pafs.FileSystem, skipped_dir: str) -> pa.Table:
-    """Ray Data UDF: a batch of image items -> a table of crop rows (`shard_schema`).
+def cut_images(images: list[dict[str, Any]], crop: CropConfig, s3_fs: pafs.FileSystem | None
+               ) -> tuple[pa.Table, list[dict[str, Any]]]:
+    """Read and decode each image once, cut every person in it: a table of crop rows (`shard_schema`) and
+    the records that could not be cut, as skip entries.
 
-    Each item is `{image_uri, records_json, task_index, ...}`. Records that cannot be cut are written
-    to `<skipped_dir>/part-<first task_index>.json`: deterministic, so a retried task overwrites its
-    own file instead of double counting.
+    Each image is `{image_uri, records}`. The fixed-shape columns are built from stacked numpy arrays
+    rather than per-row Python lists: converting nested lists row by row cost as much as a tenth of
+    the crop itself.
     """
-    cv2.setNumThreads(1)  # Ray already runs one task per CPU; cv2's own threads would oversubscribe
-    schema = shard_schema()
-    rows: dict[str, list[Any]] = {name: [] for name in schema.names}
+    cv2.setNumThreads(1)  # Ray runs one task per CPU; cv2's own threads would oversubscribe the cores
+    columns: dict[str, list[Any]] = {name: [] for name in ("image", "keypoints", "crop_to_image", "num_keypoints",
+                                                           "bbox", "area", "image_id", "ann_id", "dataset",
+                                                           "split", "source", "width", "height")}
     skipped: list[dict[str, Any]] = []
-    items = batch.to_pylist()
-    for item in items:
-        records = json.loads(item["records_json"])
+    for item in images:
         image, reason, detail = _read_image(item["image_uri"], s3_fs)
         if image is None:
-            skipped.extend(skip_record(r, reason, detail) for r in records)
+            skipped.extend(skip_record(r, reason, detail) for r in item["records"])
             continue
         height, width = image.shape[:2]
-        for record in records:
+        for record in item["records"]:
             problem = check_against_image(record, width, height)
             if problem:
                 skipped.append(skip_record(record, *problem))
@@ -163,18 +161,62 @@ def cut_image_batch(batch: pa.Table, *, crop: CropConfig, s3_fs: pafs.FileSystem
             except Exception as error:  # one bad record must not take the whole job down
                 skipped.append(skip_record(record, "processing_error", f"{type(error).__name__}: {error}"))
                 continue
-            rows["image"].append(encoded.tobytes())
-            rows["keypoints"].append(crop_keypoints.astype(np.float32).tolist())
-            rows["num_keypoints"].append(record["num_keypoints"])
-            rows["crop_to_image"].append(invert_affine(image_to_crop).astype(np.float32).tolist())
-            rows["person_center"].append(list(crop.person_center))
-            rows["person_scale"].append(list(crop.person_scale))
-            for name in ("bbox", "area", "image_id", "ann_id", "dataset", "split"):
-                rows[name].append(record[name])
-            rows["source"].append(record["file_name"])
-            rows["width"].append(width)
-            rows["height"].append(height)
-    if skipped:
-        first = min(int(item["task_index"]) for item in items)
-        storage.write_bytes(f"{skipped_dir}/part-{first:08d}.json", json.dumps(skipped).encode(), out_fs)
-    return pa.table(rows, schema=schema)
+            columns["image"].append(encoded.tobytes())
+            columns["keypoints"].append(crop_keypoints)
+            columns["crop_to_image"].append(cv2.invertAffineTransform(image_to_crop))
+            for name in ("num_keypoints", "bbox", "area", "image_id", "ann_id", "dataset", "split"):
+                columns[name].append(record[name])
+            columns["source"].append(record["file_name"])
+            columns["width"].append(width)
+            columns["height"].append(height)
+    return crop_table(columns, crop), skipped
+
+
+def crop_table(columns: dict[str, list[Any]], crop: CropConfig) -> pa.Table:
+    """The crop rows as one Arrow table (`shard_schema`) from per-row lists of every column but
+    person_center / person_scale (the crop config's); nested float columns from flat float32 arrays."""
+    schema, rows = shard_schema(), len(columns["image"])
+
+    def fixed(values: Any, *shape: int) -> pa.Array:  # (rows, *shape) floats -> nested fixed-size lists
+        array = pa.array(np.asarray(values, np.float32).reshape(-1))
+        for size in reversed(shape):
+            array = pa.FixedSizeListArray.from_arrays(array, size)
+        return array
+
+    # keypoints: K varies by dataset, so (x, y, v) triples under per-row offsets
+    counts = [len(k) for k in columns["keypoints"]]
+    offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]), pa.int32())
+    flat = np.concatenate(columns["keypoints"]) if rows else np.zeros((0, 3))
+    arrays = {
+        "keypoints": pa.ListArray.from_arrays(offsets, fixed(flat, 3)),
+        "crop_to_image": fixed(np.reshape(columns["crop_to_image"], (rows, 2, 3)), 2, 3),
+        "person_center": fixed(np.tile(crop.person_center, (rows, 1)), 2),
+        "person_scale": fixed(np.tile(crop.person_scale, (rows, 1)), 2),
+        "bbox": fixed(np.reshape(columns["bbox"], (rows, 4)), 4),
+    }
+    return pa.table([arrays[f.name] if f.name in arrays else pa.array(columns[f.name], f.type) for f in schema],
+                    schema=schema)
+
+
+def shard_task(task: dict[str, Any], *, crop: CropConfig, s3_fs: pafs.FileSystem | None, out_fs: pafs.FileSystem,
+               shards_uri: str, rows_per_file: int) -> dict[str, Any]:
+    """Ray Data UDF, one row per task: cut the task's images and write their crops to Parquet here.
+
+    Decoded images and encoded crops never leave this process (no object-store copy between a crop
+    operator and a write operator); what the task returns is its bookkeeping: the files it wrote with
+    their row counts, rows per dataset/split, and its skips. The driver builds the manifest from that,
+    without reading the files back. File names come from the task index, so a retried task overwrites
+    its own files and a rerun writes the same ones.
+    """
+    table, skipped = cut_images(pickle.loads(task["images"]), crop, s3_fs)  # packed by the driver: run._pack_tasks
+    files = []
+    for part, start in enumerate(range(0, table.num_rows, rows_per_file)):
+        name = f"part-{task['task_index']:05d}-{part}.parquet"
+        sink = pa.BufferOutputStream()
+        pq.write_table(table.slice(start, rows_per_file), sink)
+        # through storage.write_bytes: an S3 failure is a StorageError naming the URI, after the same retries
+        storage.write_bytes(storage.join(shards_uri, name), sink.getvalue(), out_fs)
+        files.append({"name": name, "rows": min(rows_per_file, table.num_rows - start)})
+    keys = [f"{d}/{s}" for d, s in zip(table["dataset"].to_pylist(), table["split"].to_pylist(), strict=True)]
+    return {"task_index": task["task_index"], "files_json": json.dumps(files),
+            "rows_json": json.dumps(Counter(keys)), "skipped_json": json.dumps(skipped)}
