@@ -37,10 +37,8 @@ from infra.rehearsal.overlay import CLUSTER_CONFIGS, REPO, config_name, run_comm
 from pipelines.config import load_yaml
 
 pytest_plugins = ["rehearsal_fixtures"]
-# slow for now: the ViTPose-B config has not yet passed through this test (its hand-run submission did,
-# 14m08 + 12m50 at load ~33), and the module took ~45 min on the shared box; the overlay itself is checked
-# in CI by tests/infra/test_rehearsal_overlay.py and the cluster parts by tests/infra/test_rehearsal_infra.py
-pytestmark = pytest.mark.slow
+# In CI: each shipped config through the overlay, the served champion, the cross-node feed (~15-25 min with the
+# cluster's start). Slow (`pytest -m slow tests/infra/test_rehearsal.py`): node loss and driver loss, below.
 
 STAGES = ("shard", "pretrain", "finetune", "tune", "distill", "register", "serve")
 CACHEABLE = STAGES[:-1]  # serve writes no record: it runs every time
@@ -98,6 +96,15 @@ def _train_worker_nodes(rehearsal, state: str | None = None) -> list[str]:
     response.raise_for_status()
     actors = response.json()["data"]["result"]["result"]
     return [actor["node_id"] for actor in actors if state is None or actor["state"] == state]
+
+
+def _job_state(rehearsal, kind: str, job_id: str) -> list[dict]:
+    """The state API's `kind` ("tasks", "actors") of one Ray job, in detail."""
+    response = requests.get(f"{rehearsal.dashboard_url}/api/v0/{kind}", headers=_auth(rehearsal), timeout=120,
+                            params={"limit": 10000, "detail": "true", "filter_keys": "job_id",
+                                    "filter_predicates": "=", "filter_values": job_id})
+    response.raise_for_status()
+    return response.json()["data"]["result"]["result"]
 
 
 def _wait_job(rehearsal, submission_id: str, timeout_s: float) -> str:
@@ -197,6 +204,32 @@ def test_served_champion_answers_from_outside_the_job(rehearsal, rehearsed):
     assert body["model"] and body["version"]  # the registered champion, loaded through MLflow
 
 
+def test_a_train_worker_on_one_node_is_fed_by_transform_tasks_on_another(rehearsal):
+    """ViTPose-B's config feeds its GPUs by Ray Data transform tasks (data.preprocess.where: ray_data). Pinned
+    here to the head (Ray's own `node:__internal_head__` resource), they feed a Train worker on a gpu_node worker
+    node: decode, augment and targets run on one node, the steps on another, the rows streamed between them."""
+    name = f"feed-{uuid.uuid4().hex[:6]}"
+    command = run_command(CLUSTER_CONFIGS[0], rehearsal.bucket, int(rehearsal.env["VITPOSE_REHEARSAL_SERVE_PORT"]),
+                          name=name, stages="shard,finetune",
+                          overrides=['finetune.data.preprocess.resources={"node:__internal_head__": 0.01}'])
+    started = time.perf_counter()
+    done = rehearsal.submit_job(command, working_dir=REPO, submission_id=f"rehearsal-{name}", timeout_s=1500)
+    TIMINGS["cross_node_feed"] = round(time.perf_counter() - started, 1)
+    print(f"cross-node feed rehearsal: {TIMINGS['cross_node_feed']:.0f} s")
+    output = done.stdout + done.stderr
+    assert done.returncode == 0 and re.search(r"finetune\s+done in", output), output[-4000:]
+    assert _record(rehearsal, name, "finetune")["metrics"]["steps"] == 4  # the overlay's max_steps: all trained
+
+    job_id = _job_details(rehearsal, f"rehearsal-{name}")["job_id"]
+    head = rehearsal.node_id("head")
+    transform_nodes = {task["node_id"] for task in _job_state(rehearsal, "tasks", job_id)
+                       if "MapBatches(prepare)" in task["name"] and task["state"] == "FINISHED"}
+    train_nodes = {actor["node_id"] for actor in _job_state(rehearsal, "actors", job_id)
+                   if actor["class_name"] == "RayTrainWorker"}
+    assert transform_nodes == {head}, transform_nodes
+    assert train_nodes and head not in train_nodes, train_nodes
+
+
 @pytest.mark.slow
 def test_node_loss_resumes_from_the_s3_checkpoint_in_one_mlflow_run(rehearsal):
     name = f"nodeloss-{uuid.uuid4().hex[:6]}"
@@ -248,6 +281,7 @@ def test_node_loss_resumes_from_the_s3_checkpoint_in_one_mlflow_run(rehearsal):
     assert runs[0].info.status == "FINISHED"
 
 
+@pytest.mark.slow  # passed 2 of 3 times (2026-11-30); the failure re-opened a new sweep run: diagnosis pending
 def test_driver_loss_resubmitted_job_skips_done_stages_and_restores_tune(rehearsal):
     name = f"driverloss-{uuid.uuid4().hex[:6]}"
     command = run_command(CLUSTER_CONFIGS[0], rehearsal.bucket, int(rehearsal.env["VITPOSE_REHEARSAL_SERVE_PORT"]),
@@ -282,6 +316,9 @@ def test_driver_loss_resubmitted_job_skips_done_stages_and_restores_tune(rehears
     assert re.search(r"shard\s+skipped", output), output[-3000:]
     assert re.search(r"tune\s+done in", output), output[-3000:]
     record = _record(rehearsal, name, "tune")
-    assert record["outputs"]["sweep_run_id"] == sweep["sweep_run_id"]  # the same sweep run
+    after = json.loads(_s3(rehearsal).get_object(Bucket=rehearsal.bucket, Key=f"{name}/tune/out/sweep.json")["Body"].read())
+    assert record["outputs"]["sweep_run_id"] == sweep["sweep_run_id"], (  # the same sweep run
+        sweep, after, record["outputs"], sorted({k.split("/")[3] for k in _keys(rehearsal, f"{name}/tune/out/")}),
+        _job_logs(rehearsal, f"rehearsal-{name}-2")[-3000:])
     # Tuner.restore kept the killed attempt's trials (a fresh Tuner would name new ones)
     assert re.sub(r"_\d+$", "", record["outputs"]["trial_id"]) in trials_before, (record["outputs"], trials_before)

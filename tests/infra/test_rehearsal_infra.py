@@ -25,9 +25,6 @@ from paths import REPO_ROOT
 from infra.rehearsal.cluster import RehearsalState, marked_processes
 
 pytest_plugins = ["rehearsal_fixtures"]
-# slow for this submission: on the shared box the head's dashboard failed to start in time once (load from
-# other runs); it passed 4 times before. Run with `pytest -m slow tests/infra/test_rehearsal_infra.py`.
-pytestmark = pytest.mark.slow
 
 REPO = REPO_ROOT
 RESULT_MARK = "PROBE_RESULT "
