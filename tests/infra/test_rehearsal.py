@@ -281,7 +281,7 @@ def test_node_loss_resumes_from_the_s3_checkpoint_in_one_mlflow_run(rehearsal):
     assert runs[0].info.status == "FINISHED"
 
 
-@pytest.mark.slow  # passed 2 of 3 times (2026-11-30); the failure re-opened a new sweep run: diagnosis pending
+@pytest.mark.slow  # 2026-11-30: failed once (a new sweep run after the resubmission), then passed; diagnosis pending
 def test_driver_loss_resubmitted_job_skips_done_stages_and_restores_tune(rehearsal):
     name = f"driverloss-{uuid.uuid4().hex[:6]}"
     command = run_command(CLUSTER_CONFIGS[0], rehearsal.bucket, int(rehearsal.env["VITPOSE_REHEARSAL_SERVE_PORT"]),
