@@ -274,9 +274,17 @@ def _run_crop_job(config: ShardConfig, out: str, tasks: list[dict[str, Any]]) ->
     from ray.data import DataContext, TaskPoolStrategy
 
     context = DataContext.get_current()
-    # a task's StorageError (S3 outage) reaches the driver as itself, not as a UserCodeException that drops it
-    saved_raise = context.raise_original_map_exception
-    context.raise_original_map_exception = True
+    overrides = {
+        # a task's StorageError (S3 outage) reaches the driver as itself, not as a UserCodeException that drops it
+        "raise_original_map_exception": True,
+        # The reservation allocator keeps part of the budget for each operator of a multi-operator plan. With
+        # this plan's single operator it held the second of 2 CPUs back until the first task had finished, and
+        # left each worker idle 0.1-0.2 s between tasks: 4.95 s instead of 4.05 s for 8 tasks of 2,000 images.
+        "op_resource_reservation_enabled": False,
+    }
+    saved = {name: getattr(context, name) for name in overrides}
+    for name, value in overrides.items():
+        setattr(context, name, value)
     try:
         any_s3 = any(storage.is_s3(storage.normalize(source.images)) for source in config.sources)
         # one block per task: Ray Data starts one task per block, and the packing above already sized them
@@ -290,7 +298,8 @@ def _run_crop_job(config: ShardConfig, out: str, tasks: list[dict[str, Any]]) ->
                        "rows_per_file": config.rows_per_file},
         ).take_all()
     finally:
-        context.raise_original_map_exception = saved_raise
+        for name, value in saved.items():
+            setattr(context, name, value)
     return sorted(results, key=lambda r: r["task_index"])
 
 
