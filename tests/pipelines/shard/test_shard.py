@@ -178,3 +178,16 @@ def test_config_is_strict():
         build_config(ShardConfig, {"sources": [], "out": "x", "rows_per_fil": 3})
     with pytest.raises(ConfigError, match="sources"):
         build_config(ShardConfig, {"sources": [], "out": "x"})
+
+
+def test_rows_do_not_depend_on_how_images_are_packed_into_tasks(sharded, tmp_path):
+    """Tasks are packed by images_per_task and rows_per_file; an image with more people than rows_per_file
+    is one task written as several files. The rows and the counts stay the same."""
+    config, manifest, out = sharded
+    small = config.model_copy(update={"out": str(tmp_path / "small"), "rows_per_file": 2, "images_per_task": 2})
+    packed = run_shard(small)
+    assert packed["counts"] == manifest["counts"] and packed["skipped"] == manifest["skipped"]
+    assert all(f["rows"] <= 2 for f in packed["files"]) and len(packed["files"]) > len(manifest["files"])
+    # a sample image holds more than 2 people: its task wrote part-<task>-0 and part-<task>-1
+    assert any(f["path"].endswith("-1.parquet") for f in packed["files"])
+    assert read_rows(tmp_path / "small") == read_rows(out)
