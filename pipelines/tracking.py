@@ -57,6 +57,9 @@ class TrackingConfig(StrictConfig):
     run_name: str | None = None
     parent_run_id: str | None = Field(None, description="nest this run under a pipeline / sweep run")
     log_every_n_steps: int = Field(10, ge=1)
+    system_metrics_every_s: float | None = Field(
+        10.0, gt=0, description="training runs: MLflow's own system metrics (CPU, memory, GPU utilisation and "
+        "memory where nvidia-ml-py is installed) of rank 0's node, sampled this often; None: off")
 
 
 def resolve_tracking(config: TrackingConfig, output_uri: str) -> dict[str, Any]:
@@ -73,7 +76,7 @@ def resolve_tracking(config: TrackingConfig, output_uri: str) -> dict[str, Any]:
     experiment = experiment_id(mlflow_client(uri), config.experiment, config.artifact_location or default_artifacts)
     return {"enabled": True, "tracking_uri": uri, "experiment_id": experiment,
             "parent_run_id": config.parent_run_id, "run_name": config.run_name,
-            "log_every_n_steps": config.log_every_n_steps}
+            "log_every_n_steps": config.log_every_n_steps, "system_metrics_every_s": config.system_metrics_every_s}
 
 
 def forwarded_env() -> dict[str, str]:
@@ -192,9 +195,13 @@ class Tracker:
 
         use_tracking_uri(self.settings["tracking_uri"])  # the fluent API below logs from this worker
         parent_run_id = self.settings.get("parent_run_id")
+        every_s = self.settings.get("system_metrics_every_s")
+        if every_s:  # whether the GPU waits on its data shows here first (GPU utilisation next to CPU)
+            mlflow.set_system_metrics_sampling_interval(every_s)
         run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else self.settings["experiment_id"],
                                run_name=None if run_id else (self.settings.get("run_name") or run_name),
-                               parent_run_id=parent_run_id, tags={TRAIN_OUTPUT: output} if output else None)
+                               parent_run_id=parent_run_id, tags={TRAIN_OUTPUT: output} if output else None,
+                               log_system_metrics=bool(every_s))
         self.run_id = run.info.run_id
         client = mlflow_client(self.settings["tracking_uri"])
         if run_id:

@@ -68,6 +68,8 @@ def test_two_worker_finetune_tracks_to_mlflow_and_rerun_resumes(tiny_shards, tmp
     run = runs[0]
     assert run.info.status == "FINISHED" and run.info.run_id == summary["mlflow_run_id"]
     assert {"train_loss", "lr", "images_per_s", "val_AP"} <= set(run.data.metrics)
+    # MLflow's own system metrics of rank 0's node, sampled while it trained
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
     assert run.data.params["scaling.num_workers"] == "2"
     assert run.inputs.dataset_inputs, "the shard manifest is logged as a dataset input"
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
