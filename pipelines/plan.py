@@ -14,6 +14,7 @@ and the key, on inconsistencies between stages that it can see:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -102,29 +103,33 @@ def _needs_gpus(configs: dict[str, Any]) -> bool:
     return any(training) or detect or configs["serve"].resources.model_num_gpus > 0
 
 
-TRAINING_KEYS = {"CPU": "cpus_per_worker", "GPU": "gpus_per_worker"}
-SERVE_KEYS = {"CPU": "model_num_cpus", "GPU": "model_num_gpus"}
-DETECT_KEYS = {"CPU": "num_cpus", "GPU": "num_gpus"}
-TRANSFORM_KEYS = {"CPU": "num_cpus"}  # anything else is under data.preprocess.resources
+@dataclass(frozen=True)
+class AskKeys:
+    """How a resource ask is named in the config: the keys of CPU / GPU, where custom resources live, per what."""
+    named: dict[str, str]
+    custom: str
+    unit: str
 
 
-def _unit(keys: dict[str, str]) -> str:
-    return {id(TRANSFORM_KEYS): "task", id(DETECT_KEYS): "task", id(SERVE_KEYS): "replica"}.get(id(keys), "worker")
+TRAINING_KEYS = AskKeys({"CPU": "cpus_per_worker", "GPU": "gpus_per_worker"}, "node_resources.", "worker")
+SERVE_KEYS = AskKeys({"CPU": "model_num_cpus", "GPU": "model_num_gpus"}, "node_resources.", "replica")
+DETECT_KEYS = AskKeys({"CPU": "num_cpus", "GPU": "num_gpus"}, "node_resources.", "task")
+TRANSFORM_KEYS = AskKeys({"CPU": "num_cpus"}, "resources.", "task")  # data.preprocess of a training stage
 
 
 def _resource_problems(resources: dict[str, Any], nodes: dict[str, dict[str, float]], cluster_file: Any) -> list[str]:
-    """Each worker / replica must fit on one node of some node type; a problem names the config key."""
+    """Each worker / replica / task must fit on one node of some node type; a problem names the config key."""
+    tune_trial = resources["tune"]["per_trial"]
     asks = [("pretrain", "pretrain.scaling", resources["pretrain"]["per_worker"], TRAINING_KEYS),
             ("finetune", "finetune.scaling", resources["finetune"]["per_worker"], TRAINING_KEYS),
-            ("tune", "tune.finetune.scaling", resources["tune"]["per_trial"]["per_worker"], TRAINING_KEYS),
+            ("tune", "tune.finetune.scaling", tune_trial["per_worker"], TRAINING_KEYS),
             ("distill", "distill.scaling", resources["distill"]["per_worker"], TRAINING_KEYS),
             ("serve", "serve.resources", resources["serve"]["per_model_replica"], SERVE_KEYS)]
-    for stage, prefix in (("pretrain", "pretrain"), ("finetune", "finetune"), ("distill", "distill")):
-        if "per_transform_task" in resources[stage]:  # data.preprocess.where: ray_data
-            asks.append((stage, f"{prefix}.data.preprocess", resources[stage]["per_transform_task"], TRANSFORM_KEYS))
-    if "per_transform_task" in resources["tune"]["per_trial"]:
-        asks.append(("tune", "tune.finetune.data.preprocess", resources["tune"]["per_trial"]["per_transform_task"],
-                     TRANSFORM_KEYS))
+    for stage, prefix, training in (("pretrain", "pretrain", resources["pretrain"]),
+                                    ("finetune", "finetune", resources["finetune"]),
+                                    ("tune", "tune.finetune", tune_trial), ("distill", "distill", resources["distill"])):
+        if "per_transform_task" in training:  # data.preprocess.where: ray_data
+            asks.append((stage, f"{prefix}.data.preprocess", training["per_transform_task"], TRANSFORM_KEYS))
     if "detect" in resources:  # optional stage: only when the pipeline file has its section
         asks.append(("detect", "detect.resources", resources["detect"]["per_task"], DETECT_KEYS))
     problems = []
@@ -134,11 +139,10 @@ def _resource_problems(resources: dict[str, Any], nodes: dict[str, dict[str, flo
         for resource, value in ask.items():
             most = max(offer.get(resource, 0.0) for offer in nodes.values())
             if value > most:
-                custom = "resources." if keys is TRANSFORM_KEYS else "node_resources."
-                key = f"{prefix}.{keys.get(resource, custom + resource)}"
-                problems.append(f"[{stage}] {key} = {value:g} {resource} per {_unit(keys)}, but no node type of "
+                key = f"{prefix}.{keys.named.get(resource, keys.custom + resource)}"
+                problems.append(f"[{stage}] {key} = {value:g} {resource} per {keys.unit}, but no node type of "
                                 f"{cluster_file} offers more than {most:g} {resource}")
         if not any(problem.startswith(f"[{stage}] {prefix}.") for problem in problems):  # each fits, not together
-            problems.append(f"[{stage}] {prefix} asks {ask} per {_unit(keys)}; no single node type of {cluster_file} "
+            problems.append(f"[{stage}] {prefix} asks {ask} per {keys.unit}; no single node type of {cluster_file} "
                             "offers all of it")
     return problems
