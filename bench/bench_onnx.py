@@ -371,8 +371,11 @@ def render_markdown(results: dict) -> str:
             f"{peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s (native bf16: {speed_part['native_bf16']}; "
             f"CPU flags: {', '.join(speed_part['cpu_flags'])}). Machine load (1/5/15 min) at start "
             f"{speed_part['load_start']['loadavg_1_5_15']}, at end {speed_part['load_end']['loadavg_1_5_15']} "
-            f"on {speed_part['load_start']['cpus']} cores: other engineers' jobs ran throughout, so absolute "
-            "figures are low and noisy; the ratios come from interleaved rounds.",
+            f"on {speed_part['load_start']['cpus']} cores: "
+            + ("other jobs shared the cores, so absolute figures are low and noisy; the ratios come from "
+               "interleaved rounds." if max(speed_part['load_start']['loadavg_1_5_15'][0],
+                                           speed_part['load_end']['loadavg_1_5_15'][0])
+               > 1.5 * speed_part['load_start']['cpus'] else "a quiet machine; the ratios come from interleaved rounds."),
             "",
         ]
         lines += ["| impl | setting | crops/s (median) | / transformers' best | % of fp32 matmul peak | "
