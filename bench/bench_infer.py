@@ -115,10 +115,11 @@ def write_report(args: argparse.Namespace, rows: list[dict], load_before: str, l
     lines = [
         "# `vitpose infer` throughput: actors in the Ray Data pool",
         "",
-        f"`bench/bench_infer.py --copies {args.copies} --variant {args.variant} --batch-size {args.batch_size}`: "
+        f"`bench/bench_infer.py --copies {args.copies} --variant {args.variant} --batch-size {args.batch_size} "
+        f"--repeats {args.repeats}`: "
         f"{args.copies * 4} COCO images (4 val images copied), their detection boxes scoring >= {args.box_score_thr}, "
         f"{args.variant} (random weights, fp32, no flip test), 1 CPU and 1 torch thread per actor, on a local Ray "
-        f"cluster of {args.num_cpus} CPUs. **This machine has {os.cpu_count()} cores, shared with other jobs**; "
+        f"cluster of {args.num_cpus} CPUs. This machine has {os.cpu_count()} cores; "
         f"load average (1, 5, 15 min) {load_before} before, {load_after} after.",
         "",
         "| actors | repeat | images | persons | pose phase s | images/s | persons/s | actors' compute s | vs 1 actor | load after |",

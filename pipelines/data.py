@@ -314,8 +314,11 @@ def transform_in_ray_data(dataset: Any, config: StreamConfig, *, keypoint_sets: 
     def prepare(table: pa.Table) -> dict[str, np.ndarray]:
         return PoseBatchTransform(config, np.random.default_rng(), keypoint_sets).prepare(table)
 
+    import ray.data
+
     return dataset.map_batches(prepare, batch_size=batch_size, batch_format="pyarrow", num_cpus=num_cpus,
-                               resources=dict(resources or {}) or None, concurrency=max_tasks)
+                               resources=dict(resources or {}) or None,
+                               compute=ray.data.TaskPoolStrategy(size=max_tasks))
 
 
 def iter_prepared_batches(source: Any, *, batch_size: int, seed: int = 0, epoch: int = 0, rank: int = 0,

@@ -142,7 +142,7 @@ def _run_parts(prepared: Prepared, todo: list[Part], stream: TextIO) -> None:
         tasks = ray.data.from_items([{"task": json.dumps(part.task())} for part in todo],
                                     override_num_blocks=len(todo))
         results = tasks.map_batches(
-            PoseWorker, batch_size=1, batch_format="numpy", concurrency=config.actors,
+            PoseWorker, batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=config.actors),
             num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor if config.device == "cuda" else 0,
             fn_constructor_kwargs={
                 "model": _actor_ref(config.model), "detector": _actor_ref(config.detector),
