@@ -139,7 +139,10 @@ def ray_arm(shards: str, workdir: Path, steps: int, name: str) -> dict:
         ray.shutdown()
     client = MlflowClient(config.tracking.tracking_uri)
     run_id = result.outputs["mlflow_run_id"]
-    by_step = lambda key: sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)  # noqa: E731
+
+    def by_step(key: str) -> list:
+        return sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+
     epoch_seconds = by_step("epoch_seconds")
     steps_at = [int(m.step) for m in epoch_seconds]
     epochs = [{"steps": b - a, "seconds": m.value} for a, b, m in zip([0, *steps_at], steps_at, epoch_seconds)]
