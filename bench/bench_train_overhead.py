@@ -115,7 +115,7 @@ def plain_arm(shards: str, workdir: Path, steps: int) -> dict:
         seconds: list[float] = []
         try:
             summary = run_epoch(model, FINETUNE.task, islice(batches, per_epoch), optimizer, scheduler, engine,
-                                step=step, max_steps=total, on_step=lambda r: seconds.append(r.seconds))
+                                step=step, max_steps=total, on_step=lambda r, out=seconds: out.append(r.seconds))
         finally:
             batches.close()
         step += len(seconds)
@@ -145,7 +145,7 @@ def ray_arm(shards: str, workdir: Path, steps: int, name: str) -> dict:
 
     epoch_seconds = by_step("epoch_seconds")
     steps_at = [int(m.step) for m in epoch_seconds]
-    epochs = [{"steps": b - a, "seconds": m.value} for a, b, m in zip([0, *steps_at], steps_at, epoch_seconds)]
+    epochs = [{"steps": b - a, "seconds": m.value} for a, b, m in zip([0, *steps_at], steps_at, epoch_seconds, strict=False)]
     # images_per_s = batch / the step's compute seconds (logged every tracking.log_every_n_steps)
     batch = config.data.batch_size
     compute_by_epoch: list[list[float]] = [[] for _ in epochs]
