@@ -139,8 +139,11 @@ def test_mlflow_run_is_in_postgresql_and_its_artifact_in_s3(rehearsal, probe, tm
 
 def test_ctrl_c_while_starting_leaves_no_process(tmp_path):
     root = Path("/tmp") / f"vpr-int{os.getpid()}"  # short: Ray's socket paths live below it
+    # SIGINT back to its default in the child: a shell starting pytest in the background (`cmd &` without job
+    # control) leaves SIGINT ignored, every child inherits that, and Python then never raises KeyboardInterrupt
     up = subprocess.Popen([sys.executable, "-m", "infra.rehearsal.cluster", "up", "--root", str(root)], cwd=REPO,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509
     try:
         deadline = time.time() + 120
         state_file = root / "rehearsal.json"
