@@ -37,8 +37,8 @@ from infra.rehearsal.overlay import CLUSTER_CONFIGS, REPO, config_name, run_comm
 from pipelines.config import load_yaml
 
 pytest_plugins = ["rehearsal_fixtures"]
-# In CI: each shipped config through the overlay, the served champion, the cross-node feed (~15-25 min with the
-# cluster's start). Slow (`pytest -m slow tests/infra/test_rehearsal.py`): node loss and driver loss, below.
+# In CI: each shipped config through the overlay, the served champion, the cross-node feed and node loss (~20-30
+# min with the cluster's start). Slow (`pytest -m slow tests/infra/test_rehearsal.py`): driver loss, below.
 
 STAGES = ("shard", "pretrain", "finetune", "tune", "distill", "register", "serve")
 CACHEABLE = STAGES[:-1]  # serve writes no record: it runs every time
@@ -230,7 +230,6 @@ def test_a_train_worker_on_one_node_is_fed_by_transform_tasks_on_another(rehears
     assert train_nodes and head not in train_nodes, train_nodes
 
 
-@pytest.mark.slow
 def test_node_loss_resumes_from_the_s3_checkpoint_in_one_mlflow_run(rehearsal):
     name = f"nodeloss-{uuid.uuid4().hex[:6]}"
     overrides = ["finetune.scaling.num_workers=2", "finetune.scaling.placement_strategy=SPREAD",
