@@ -99,6 +99,7 @@ def cpu_has_native_bf16() -> bool:
     Measured on an AMD EPYC with AVX512-BF16 (no AMX): bf16 weights run vitpose-tiny 2.5x and ViTPose-B
     2.7x faster than fp32 at batch 16 on one thread. On an AVX2-only EPYC (Zen 3) bf16 is emulated: a
     vitpose-tiny training step under bf16 autocast took 22x as long as in fp32 (16.3 s vs 0.74 s, batch 32).
+    On an Intel Xeon with AMX the same step (96x128, 2 threads) took 0.185 s in bf16 vs 0.268 s in fp32.
     """
     if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
         return True
