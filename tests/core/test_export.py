@@ -21,7 +21,7 @@ from vitpose_core.export import (
     quantize_onnx,
     read_onnx_config,
 )
-from vitpose_core.inference import TopDownPredictor
+from vitpose_core.inference import TopDownPredictor, decode_to_image, prepare_crops, run_model
 
 pytest.importorskip("onnxruntime")
 
@@ -77,10 +77,22 @@ def test_config_travels_in_the_file_and_predictor_runs_it(exported):
     got = TopDownPredictor(runtime_model, flip_test=True).predict(image, boxes)  # keypoint set, size from metadata
     assert got.shape == expected.shape == (2, 17, 3)
     np.testing.assert_allclose(got[..., 2], expected[..., 2], atol=1e-3)  # scores
-    # an untrained model's heatmaps are nearly flat, so a 1e-6 difference can move a peak to a neighbour
-    # of almost the same height: nearly all keypoints must agree, not every one
+    # The two runtimes' heatmaps differ by ~1e-8, yet an untrained model's heatmaps are so flat that UDP's
+    # refinement can move some keypoints by pixels on a 1e-8 change (how many depends on the CPU's kernels:
+    # 21% on an AMX Xeon). Those keypoints are found by decoding torch's own heatmaps with 1e-6 noise added;
+    # every other keypoint must agree between the runtimes.
+    predictor = TopDownPredictor(model, flip_test=True)
+    crops, crop_to_image = prepare_crops(image, boxes, predictor.input_size, predictor.padding)
+    heatmaps = run_model(model, crops, True, predictor.keypoint_set.flip_index)
+    noise = torch.Generator().manual_seed(0)
+    stable = np.ones(expected.shape[:2], dtype=bool)
+    for _ in range(3):
+        nudged = decode_to_image(heatmaps + 1e-6 * torch.randn(heatmaps.shape, generator=noise), crop_to_image,
+                                 predictor.codec)
+        stable &= np.abs(nudged[..., :2] - expected[..., :2]).max(-1) < 0.05
+    assert stable.mean() >= 0.5, stable  # enough keypoints left for the comparison to mean something
     close = np.abs(got[..., :2] - expected[..., :2]).max(-1) < 0.05
-    assert close.mean() >= 0.9, close
+    assert close[stable].all(), (close, stable)
 
 
 def test_int8_quantized_model_uses_integer_kernels_and_keeps_the_heatmaps(exported):
