@@ -232,7 +232,11 @@ def test_a_train_worker_on_one_node_is_fed_by_transform_tasks_on_another(rehears
 
 def test_node_loss_resumes_from_the_s3_checkpoint_in_one_mlflow_run(rehearsal):
     name = f"nodeloss-{uuid.uuid4().hex[:6]}"
+    # Half a CPU per Train worker: after the loss both workers must fit on the one worker node left (2 CPUs,
+    # gpu_node 1.0), which may also hold the Serve replica (0.5 CPU) an earlier test left up; at 1 CPU each
+    # they did not, and the job waited for capacity until the test's timeout (full suite, 2026-12-01).
     overrides = ["finetune.scaling.num_workers=2", "finetune.scaling.placement_strategy=SPREAD",
+                 "finetune.scaling.cpus_per_worker=0.5",
                  "finetune.schedule.epochs=4", "finetune.schedule.max_steps=8", "finetune.checkpoint.every_n_steps=2"]
     command = run_command(CLUSTER_CONFIGS[0], rehearsal.bucket, int(rehearsal.env["VITPOSE_REHEARSAL_SERVE_PORT"]),
                           name=name, overrides=overrides, stages="shard,finetune")
