@@ -73,7 +73,8 @@ def test_config_travels_in_the_file_and_predictor_runs_it(exported):
     runtime_model = OnnxPoseModel(onnx_path)
     image = np.random.default_rng(0).integers(0, 255, (200, 160, 3), dtype=np.uint8)
     boxes = np.array([[10.0, 20.0, 80.0, 150.0], [50.0, 5.0, 100.0, 180.0]])
-    expected = TopDownPredictor(model, flip_test=True).predict(image, boxes)
+    predictor = TopDownPredictor(model, flip_test=True)
+    expected = predictor.predict(image, boxes)
     got = TopDownPredictor(runtime_model, flip_test=True).predict(image, boxes)  # keypoint set, size from metadata
     assert got.shape == expected.shape == (2, 17, 3)
     np.testing.assert_allclose(got[..., 2], expected[..., 2], atol=1e-3)  # scores
@@ -81,7 +82,6 @@ def test_config_travels_in_the_file_and_predictor_runs_it(exported):
     # refinement can move some keypoints by pixels on a 1e-8 change (how many depends on the CPU's kernels:
     # 21% on an AMX Xeon). Those keypoints are found by decoding torch's own heatmaps with 1e-6 noise added;
     # every other keypoint must agree between the runtimes.
-    predictor = TopDownPredictor(model, flip_test=True)
     crops, crop_to_image = prepare_crops(image, boxes, predictor.input_size, predictor.padding)
     heatmaps = run_model(model, crops, True, predictor.keypoint_set.flip_index)
     noise = torch.Generator().manual_seed(0)
