@@ -618,14 +618,16 @@ def test_throttling_is_retried_with_backoff_then_fails_naming_the_uri(s3_server,
 
 
 def measured_cli(*argv, timeout: float = 120) -> tuple[int, float, int, str]:
-    """(exit code, seconds, peak RSS in KB, stderr) of `vitpose argv` in a fresh process (its own peak RSS:
-    VmHWM), the imports timed apart: they are not the check."""
+    """(exit code, seconds, growth of the peak RSS in KB, stderr) of `vitpose argv` in a fresh process (its own
+    peak RSS: VmHWM). The imports are done first and left out of both figures: they are not the check, and what
+    they take differs between machines (1.01 GB of peak in all on one CI machine, under 1 GB on others)."""
     script = ("import sys, time\nimport cv2, PIL.Image, torch, pipelines.commands.evaluate, pipelines.commands.predict\n"
               "import vitpose_core.evaluation, vitpose_core.inference\n"
-              "from pipelines.cli import main\nstart = time.perf_counter()\n"
+              "from pipelines.cli import main\n"
+              "def peak_kb(): return int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])\n"
+              "before = peak_kb()\nstart = time.perf_counter()\n"
               f"code = main({[str(a) for a in argv]!r})\n"
-              "peak = next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]\n"
-              "print(code, time.perf_counter() - start, peak)\n")
+              "print(code, time.perf_counter() - start, peak_kb() - before)\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=timeout)
     code, seconds, peak_kb = done.stdout.split()[-3:]
     return int(code), float(seconds), int(peak_kb), done.stderr
@@ -638,12 +640,12 @@ def test_png_bomb_among_eval_images_is_refused_from_the_header(tmp_path, coco, t
     ground_truth["images"] = [{"id": 1, "file_name": "bomb.png", "width": 30000, "height": 30000}]
     ground_truth["annotations"] = [{**ground_truth["annotations"][0], "image_id": 1}]
     annotations = write_json(tmp_path / "gt.json", ground_truth)
-    code, seconds, peak_kb, err = measured_cli("eval", "--checkpoint", tiny_checkpoint, "--annotations", annotations,
-                                               "--images", tmp_path)
+    code, seconds, peak_growth_kb, err = measured_cli("eval", "--checkpoint", tiny_checkpoint, "--annotations",
+                                                      annotations, "--images", tmp_path)
     assert code == 2 and f"vitpose eval: error: image {bomb} has 900000000 pixels; the limit is 16777216" in err
-    # memory is the check (decoded: 2.7 GB more); the time only guards against a hang (8.8 s seen at load 15:
-    # reading the annotations and the keypoint set on a loaded box)
-    assert seconds < 30 and peak_kb < 1024 * 1024, (seconds, peak_kb)
+    # memory is the check: decoding would add 0.9 GB (greyscale) to 2.7 GB (RGB) over the imports' peak; the
+    # time only guards against a hang (8.8 s seen at load 15: reading the annotations and the keypoint set)
+    assert seconds < 30 and peak_growth_kb < 600 * 1024, (seconds, peak_growth_kb)
 
 
 def test_png_bomb_in_a_dataset_is_skipped_or_refused_before_decoding(tmp_path):
