@@ -194,7 +194,8 @@ def dump_config(config: BaseModel) -> dict[str, Any]:
 
 # keys that say where or how a run is observed or retried, not what it computes: left out of the hash, so
 # a rerun under a new pipeline run (a new MLflow parent) or with more retries still resumes the same work
-NOT_HASHED = frozenset({"tracking", "max_failures", "max_trial_failures", "max_concurrent_trials"})
+NOT_HASHED = frozenset({"tracking", "max_failures", "max_trial_failures", "max_concurrent_trials",
+                        "wait_for_workers_s"})
 
 
 def config_hash(data: Any) -> str:

@@ -168,6 +168,11 @@ class ScalingSection(StrictConfig):
     node_resources: dict[str, float] = Field(
         {}, description="custom Ray resources each worker also reserves, to pin workers to a node type "
                         "(e.g. {gpu_node: 0.01} where ray_cluster.yaml gives GPU nodes `gpu_node: 1`)")
+    wait_for_workers_s: float = Field(
+        900, gt=0, description="how long, in all over the run, Ray may fail to place the worker group (at the "
+                               "start, and after a node is lost) before the stage fails naming what is missing. "
+                               "An autoscaler takes minutes to add a node; on a fixed-size cluster a shorter wait "
+                               "fails sooner")
 
     @model_validator(mode="after")
     def _cpu_offload_needs_gpus(self) -> ScalingSection:

@@ -11,6 +11,8 @@ inside a function trainable.
 from __future__ import annotations
 
 import logging
+import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,8 +22,17 @@ from pipelines.tracking import forwarded_env, resolve_tracking
 from pipelines.training.loop import LoopConfig, train_fn_per_worker
 from pipelines.training.recipe import TrainingRecipe, check_schedule, run_name, train_rows
 from pipelines.training.sections import ScalingSection
+from vitpose_core.errors import UserError
 
 logger = logging.getLogger(__name__)
+
+# Ray Train waits this long for a worker group's placement group, then counts a controller failure and tries
+# again (Train v2; the driver's value reaches Train's controller)
+PLACEMENT_WAIT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
+class WorkersNotPlacedError(UserError, RuntimeError):
+    """The cluster did not offer a stage's Train workers their resources within ``scaling.wait_for_workers_s``."""
 
 
 def check_resources(scaling: ScalingSection) -> None:
@@ -33,6 +44,56 @@ def check_resources(scaling: ScalingSection) -> None:
     if cpus and needed > cpus - 1:
         raise ValueError(f"scaling asks {needed:g} CPUs for Train workers but the cluster has {cpus:g}; leave >= 1 "
                          "CPU free for Ray Data (lower scaling.cpus_per_worker or num_workers)")
+
+
+def placement_attempts(scaling: ScalingSection) -> int:
+    """Train controller retries that add up to ``scaling.wait_for_workers_s`` of waiting for resources.
+
+    Without a limit Train retries forever: on a fixed-size cluster that lost a node the job needs, it would
+    wait without a word.
+    """
+    per_attempt = float(os.environ.get(PLACEMENT_WAIT_ENV, 60))
+    return max(1, math.ceil(scaling.wait_for_workers_s / per_attempt))
+
+
+def workers_not_placed(stage: str, scaling: ScalingSection) -> WorkersNotPlacedError:
+    """What the stage asked, what the alive nodes have and what is free now, and what to change."""
+    import ray
+
+    def show(resources: dict[str, float]) -> str:
+        shown = {k: v for k, v in sorted(resources.items())
+                 if not k.startswith(("node:", "accelerator_type:")) and k not in ("memory", "object_store_memory")}
+        return "{" + ", ".join(f"{k}: {v:g}" for k, v in shown.items()) + "}"
+
+    per_worker = worker_resources(scaling)
+    needed = {k: v * scaling.num_workers for k, v in per_worker.items()}
+    free = ray.available_resources()
+    short = [f"{k} {v:g} needed, {free.get(k, 0):g} free" for k, v in needed.items() if v > free.get(k, 0) + 1e-9]
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    listed = "; ".join(f"{node['NodeManagerAddress']} {show(node['Resources'])}" for node in nodes)
+    waited = placement_attempts(scaling) * float(os.environ.get(PLACEMENT_WAIT_ENV, 60))
+    shortage = (f"Short: {', '.join(short)}." if short else
+                "Enough is free in total, but split across nodes so that some worker fits on none.")
+    return WorkersNotPlacedError(
+        f"{stage}: Ray could not place {scaling.num_workers} Train workers of {show(per_worker)} within "
+        f"{waited:g} s (scaling.wait_for_workers_s={scaling.wait_for_workers_s:g}). {shortage} "
+        f"Alive nodes ({len(nodes)}): {listed}. A node the run needs may have been lost: add nodes (or let an "
+        "autoscaler do it), lower scaling.num_workers or the per-worker resources, or raise "
+        "scaling.wait_for_workers_s; the same command then resumes from the last checkpoint")
+
+
+def fit_trainer(trainer: Any, stage: str, scaling: ScalingSection):
+    """``trainer.fit()``, with Train's placement give-up (a ControllerError around a worker-group start-up
+    timeout) as a `WorkersNotPlacedError` that names the resources."""
+    import ray.train
+
+    try:
+        return trainer.fit()
+    except ray.train.ControllerError as error:
+        # the class is internal to Train v2: matched by name, so a rename leaves Ray's own error standing
+        if type(getattr(error, "controller_failure", None)).__name__ != "WorkerGroupStartupTimeoutError":
+            raise
+        raise workers_not_placed(stage, scaling) from error
 
 
 def worker_resources(scaling: ScalingSection) -> dict[str, float]:
@@ -93,7 +154,8 @@ def build_trainer(recipe: TrainingRecipe, config: Any, *, name: str | None = Non
                                                placement_strategy=scaling.placement_strategy),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path, callbacks=callbacks,
-            failure_config=ray.train.FailureConfig(max_failures=config.checkpoint.max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=config.checkpoint.max_failures,
+                                                   controller_failure_limit=placement_attempts(scaling)),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.num_to_keep),
             worker_runtime_env={"env_vars": forwarded_env()},
         ),
@@ -118,7 +180,7 @@ def fit(recipe: TrainingRecipe, config: Any, **trainer_kwargs: Any):
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGINT) if main_thread else None
     try:
-        result = build_trainer(recipe, config, **trainer_kwargs).fit()
+        result = fit_trainer(build_trainer(recipe, config, **trainer_kwargs), recipe.name, config.scaling)
     except SystemExit as exit_:
         session.STOPPED_BY = session.STOPPED_BY or "SIGINT"
         raise KeyboardInterrupt(f"stopped by signal {session.STOPPED_BY}") from exit_

@@ -208,3 +208,26 @@ def test_finetune_fed_by_ray_data_transform_tasks(tiny_shards, tmp_path):
     assert load_model(output.outputs["checkpoint"]).config.img_size == (64, 48)
     with pytest.raises(ValueError, match=r"data\.preprocess\.where"):  # a typo'd place names the key
         finetune_config(tiny_shards, tmp_path, **{"data.preprocess.where": "gpu"})
+
+
+def test_workers_the_cluster_cannot_place_fail_after_the_wait_naming_the_resource(tiny_shards, tmp_path, monkeypatch):
+    """A run pinned to a node type the cluster lacks (as after losing the only node of that type) fails once
+    scaling.wait_for_workers_s is spent, with one line that names the short resource and the alive nodes;
+    without the limit Ray Train retries the placement forever without a word."""
+    from pipelines.cli import user_error_message
+    from pipelines.training.trainer import WorkersNotPlacedError
+
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "2")  # per attempt; reaches Train's controller
+    config = finetune_config(tiny_shards, tmp_path, **{"tracking.enabled": False,
+                                                      "scaling.node_resources": "{gpu_node: 0.5}",
+                                                      "scaling.wait_for_workers_s": 5})
+    started = time.monotonic()
+    with pytest.raises(WorkersNotPlacedError) as raised:
+        run_finetune(config, name="ft-unplaceable")
+    waited = time.monotonic() - started
+    assert 5 <= waited < 120, waited  # 3 attempts of 2 s, plus Train's start-up
+    message = user_error_message(raised.value)
+    assert message.startswith("finetune: Ray could not place 2 Train workers of {CPU: 0.25, gpu_node: 0.5} "
+                              "within 6 s (scaling.wait_for_workers_s=5)"), message
+    assert "Short: gpu_node 1 needed, 0 free" in message and "Alive nodes (1): " in message
+    assert "\n" not in message
