@@ -312,7 +312,7 @@ def normalize_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def transform_in_ray_data(dataset: Any, config: StreamConfig, *, keypoint_sets: Mapping[str, KeypointSet],
                           batch_size: int, num_cpus: float = 1.0, resources: Mapping[str, float] | None = None,
-                          max_tasks: int | None = None) -> Any:
+                          max_tasks: int | None = None, mixed_datasets: Sequence[str] = ()) -> Any:
     """The training transform as a Ray Data operator: ``dataset`` (shard rows) -> prepared rows.
 
     Ray Data runs it in tasks on whatever nodes hold ``num_cpus`` and ``resources`` (e.g. CPU-only nodes),
@@ -323,9 +323,15 @@ def transform_in_ray_data(dataset: Any, config: StreamConfig, *, keypoint_sets: 
     Augmentation draws come from fresh OS entropy in every task: a pass over the data re-runs the
     transform, so each epoch draws anew, but which task transforms which rows is Ray's scheduling, so
     draws are not reproducible run to run (the in-worker path, seeded by seed / epoch / rank, is).
+
+    ``mixed_datasets``: multi-dataset mode (``PoseBatchTransform``'s ``datasets``); the rows keep their
+    ``dataset`` name, by which the consumer mixes them by ratio (``iter_prepared_batches``).
     """
     def prepare(table: pa.Table) -> dict[str, np.ndarray]:
-        return PoseBatchTransform(config, np.random.default_rng(), keypoint_sets).prepare(table)
+        batch = PoseBatchTransform(config, np.random.default_rng(), keypoint_sets, mixed_datasets).prepare(table)
+        if mixed_datasets:
+            batch["dataset"] = np.asarray(table.column("dataset").to_pylist())
+        return batch
 
     import ray.data
 
@@ -335,13 +341,29 @@ def transform_in_ray_data(dataset: Any, config: StreamConfig, *, keypoint_sets: 
 
 
 def iter_prepared_batches(source: Any, *, batch_size: int, seed: int = 0, epoch: int = 0, rank: int = 0,
-                          shuffle: bool = True, shuffle_buffer: int = 1024,
-                          drop_last: bool = False) -> Iterator[dict[str, torch.Tensor]]:
-    """Model-ready batches (module docstring) from a DataIterator over ``transform_in_ray_data`` rows."""
+                          shuffle: bool = True, shuffle_buffer: int = 1024, drop_last: bool = False,
+                          mixed_datasets: Sequence[str] = (),
+                          ratios: Sequence[float] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """Model-ready batches (module docstring) from a DataIterator over ``transform_in_ray_data`` rows.
+
+    ``mixed_datasets``/``ratios``: the rows (transformed with the same ``mixed_datasets``) are re-cut into
+    batches by ratio, as ``iter_pose_batches`` does with shard rows (`mix_by_ratio`). One difference: a
+    row repeated at the end of an epoch to fill a short dataset's slots repeats its augmentation too (it
+    was drawn in a Ray Data task), where the in-worker stream draws it anew.
+    """
+    from ray.data.block import BlockAccessor
+
     rng = np.random.default_rng([seed, epoch, rank])
-    batches = source.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last,
+    mixing = bool(mixed_datasets)
+    batches = source.iter_batches(batch_size=batch_size, batch_format="pyarrow" if mixing else "numpy",
+                                  drop_last=drop_last and not mixing,  # a mix drops at its own end
                                   local_shuffle_buffer_size=shuffle_buffer if shuffle else None,
                                   local_shuffle_seed=int(rng.integers(2**31)) if shuffle else None)
+    if mixing:
+        tables = mix_by_ratio(batches, mixed_datasets, ratios or [1.0] * len(mixed_datasets), batch_size,
+                              buffer_rows=max(4 * shuffle_buffer, 4 * batch_size), seed=int(rng.integers(2**31)))
+        batches = (BlockAccessor.for_block(table.drop_columns(["dataset"])).to_batch_format("numpy")
+                   for table in tables if table.num_rows == batch_size or not drop_last)
     for batch in batches:
         yield {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in normalize_batch(batch).items()}
 

@@ -51,7 +51,4 @@ class FinetuneConfig(StrictConfig):
         names = [d.name for d in self.datasets]
         if len(set(names)) != len(names):
             raise ValueError(f"datasets lists a dataset twice: {names}")
-        if self.datasets and self.data.preprocess.where == "ray_data":
-            raise ValueError("datasets (a multi-dataset mix) needs data.preprocess.where: train_worker: the mix is cut "
-                             "from the row stream inside each Train worker")
         return self

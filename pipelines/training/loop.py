@@ -133,7 +133,9 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             if config.data.preprocess.where == "ray_data":  # rows arrive transformed (trainer.train_dataset)
                 batches = iter_prepared_batches(shard, batch_size=per_worker_batch, seed=config.seed, epoch=epoch,
                                                 rank=rank, shuffle=stream.augment, drop_last=True,
-                                                shuffle_buffer=config.data.shuffle_buffer)
+                                                shuffle_buffer=config.data.shuffle_buffer,
+                                                mixed_datasets=stream_options.get("mixed_datasets", ()),
+                                                ratios=stream_options.get("ratios"))
             else:
                 batches = iter_pose_batches(shard, stream, batch_size=per_worker_batch, seed=config.seed,
                                             epoch=epoch, rank=rank, drop_last=True,

@@ -111,14 +111,12 @@ def train_dataset(recipe: TrainingRecipe, config: Any):
     if preprocess.where == "train_worker":
         return rows
     options = recipe.stream_options(config) if recipe.stream_options is not None else {}
-    if options.get("mixed_datasets"):
-        raise ValueError(f"{recipe.name}: data.preprocess.where: ray_data does not mix datasets by ratio (the mix is "
-                         "cut from the row stream inside each worker); use train_worker for a multi-dataset run")
     keypoint_sets = options.get("keypoint_sets") or shard_keypoint_sets(config.data.shards)
+    # a multi-dataset run: the tasks emit each row in its dataset's layout; each worker mixes them by ratio
     return transform_in_ray_data(rows, config.data.stream_config(config.model.input_size), keypoint_sets=keypoint_sets,
                                  batch_size=config.data.batch_size // config.scaling.num_workers,
                                  num_cpus=preprocess.num_cpus, resources=preprocess.resources,
-                                 max_tasks=preprocess.max_tasks)
+                                 max_tasks=preprocess.max_tasks, mixed_datasets=options.get("mixed_datasets", ()))
 
 
 def build_trainer(recipe: TrainingRecipe, config: Any, *, name: str | None = None, callbacks: list | None = None,

@@ -284,3 +284,52 @@ def test_export_takes_one_datasets_model_out_of_a_multi_dataset_checkpoint(tmp_p
     images = torch.randn(2, 3, 64, 48)
     with torch.no_grad():
         assert torch.allclose(single(images), dataset_view(multi, "aic_synth")(images), atol=1e-5)
+
+
+def test_a_mix_transformed_in_ray_data_follows_the_ratio_in_each_datasets_layout(ray_local, tmp_path):
+    """data.preprocess.where: ray_data with a multi-dataset mix: Ray Data tasks emit each row in its own
+    dataset's layout (AIC-14 rows padded to 17 with weight 0), and the consumer re-cuts the transformed rows
+    into batches by ratio, every row used, as the in-worker stream does with shard rows."""
+    from pipelines.data import iter_prepared_batches, read_shards, transform_in_ray_data
+
+    shards = _synthetic_shards(tmp_path, {"train": 12, "val": 1})
+    stream = StreamConfig(input_size=(48, 64), augment=False)
+    mixed = ["coco", "aic_synth"]
+    rows = read_shards(shards, split="train")
+    per_dataset = {name: rows.filter(expr=f"dataset == '{name}'").count() for name in mixed}
+    assert min(per_dataset.values()) >= 8, per_dataset
+    prepared = transform_in_ray_data(rows, stream, keypoint_sets=shard_keypoint_sets(shards), batch_size=8,
+                                     num_cpus=0.5, max_tasks=2, mixed_datasets=mixed)
+    batches = list(iter_prepared_batches(prepared, batch_size=4, shuffle=False, drop_last=True,
+                                         mixed_datasets=mixed, ratios=[1, 1]))
+    assert batches and all(len(b["ann_id"]) == 4 for b in batches)
+    assert batches[0]["image"].dtype == torch.float32 and batches[0]["image"].shape[1:] == (3, 64, 48)
+    seen = {(int(d), int(a)) for b in batches for d, a in zip(b["dataset_index"], b["ann_id"], strict=True)}
+    assert len(seen) >= sum(per_dataset.values()) - 3  # every row but a last short batch's (ann ids repeat across)
+    # while both datasets have rows, each batch holds two of each (1:1); at the end the short one repeats rows
+    for batch in batches[:min(per_dataset.values()) // 2]:
+        assert sorted(batch["dataset_index"].tolist()) == [0, 0, 1, 1], batch["dataset_index"]
+    for batch in batches:
+        assert batch["target"].shape[1] == 17
+        aic = batch["dataset_index"] == 1
+        assert torch.all(batch["target_weight"][aic, 14:] == 0) and torch.all(batch["keypoints"][aic, 14:] == 0)
+        assert torch.any(batch["target_weight"][aic, :14] > 0)
+
+
+def test_multi_dataset_finetune_with_the_transform_in_ray_data_trains_both_decoders(ray_local, tmp_path):
+    shards = _synthetic_shards(tmp_path, {"train": 10, "val": 2})
+    config = _finetune_config(shards, tmp_path / "runs",
+                              datasets=[{"name": "coco", "ratio": 1}, {"name": "aic_synth", "ratio": 1}])
+    config = config.model_copy(update={
+        "data": config.data.model_copy(update={"preprocess": config.data.preprocess.model_copy(
+            update={"where": "ray_data", "num_cpus": 0.5, "max_tasks": 1})})})
+    torch.manual_seed(config.seed)  # the loop's initial weights
+    initial = build_finetune_model(config).state_dict()
+    output = run_finetune(config, name="ft-multi-ray-data")
+    assert output.metrics["steps"] == 4
+    for name in ("coco", "aic_synth"):
+        assert 0.0 <= output.metrics[f"val_AP_{name}"] <= 1.0
+    trained = load_model(output.outputs["checkpoint"]).state_dict()
+    for prefix in ("keypoint_head.", "associate_keypoint_heads.0."):
+        changed = [k for k in trained if k.startswith(prefix) and not torch.equal(trained[k], initial[k])]
+        assert changed, f"{prefix} was not trained"
