@@ -52,7 +52,7 @@ def test_cluster_configs_tune_and_teach_the_finetune_variant_on_gpus(name, varia
     trial = result["resources"]["tune"]["per_trial"]
     assert trial["workers"] == 8 and trial["per_worker"]["GPU"] == 1.0  # not the CPU tiny sweep
     # ViTPose-B's GPUs are fed by Ray Data transform tasks, and so are the trials and the student derived from it;
-    # ViTPose-H mixes COCO and AIC by ratio, cut in each worker (data.preprocess.where: train_worker)
+    # ViTPose-H keeps the transform in its Train workers (data.preprocess.where: train_worker, the default)
     fed = {"CPU": 1.0} if variant == "vitpose-b" else None
     for ask in (result["resources"]["finetune"], trial, result["resources"]["distill"]):
         assert ask.get("per_transform_task") == fed
