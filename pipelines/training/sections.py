@@ -172,7 +172,7 @@ class ScalingSection(StrictConfig):
         900, gt=0, description="how long, in all over the run, Ray may fail to place the worker group (at the "
                                "start, and after a node is lost) before the stage fails naming what is missing. "
                                "An autoscaler takes minutes to add a node; on a fixed-size cluster a shorter wait "
-                               "fails sooner")
+                               "fails sooner. Tune trials wait without limit (behind the trials ahead of them)")
 
     @model_validator(mode="after")
     def _cpu_offload_needs_gpus(self) -> ScalingSection:

@@ -120,13 +120,15 @@ def train_dataset(recipe: TrainingRecipe, config: Any):
 
 
 def build_trainer(recipe: TrainingRecipe, config: Any, *, name: str | None = None, callbacks: list | None = None,
-                  train_fn: Callable[[dict], Any] | None = None):
+                  train_fn: Callable[[dict], Any] | None = None, queued: bool = False):
     """The ``TorchTrainer`` of a training run.
 
     Args:
         name: Ray run name; default deterministic from the config, so reruns resume.
         callbacks: ``ray.train.UserCallback`` instances (e.g. Tune's ``TuneReportCallback``).
         train_fn: the per-worker function (default ``train_fn_per_worker``); tests wrap it.
+        queued: a Tune trial, whose workers may wait for the trials ahead of it for as long as those run:
+            no ``scaling.wait_for_workers_s`` limit.
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -153,7 +155,7 @@ def build_trainer(recipe: TrainingRecipe, config: Any, *, name: str | None = Non
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path, callbacks=callbacks,
             failure_config=ray.train.FailureConfig(max_failures=config.checkpoint.max_failures,
-                                                   controller_failure_limit=placement_attempts(scaling)),
+                                                   controller_failure_limit=-1 if queued else placement_attempts(scaling)),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.num_to_keep),
             worker_runtime_env={"env_vars": forwarded_env()},
         ),

@@ -47,12 +47,12 @@ def run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from pipelines.finetune.run import FINETUNE
-    from pipelines.training.trainer import build_trainer, fit_trainer
+    from pipelines.training.trainer import build_trainer
 
     trial_id = ray.tune.get_context().get_trial_id()
     finetune_config = trial_finetune_config(sweep["config"], params, trial_id, sweep["tracking"])
-    trainer = build_trainer(FINETUNE, finetune_config, name=f"train-{trial_id}", callbacks=[TuneReportCallback()])
-    fit_trainer(trainer, f"tune trial {trial_id}", finetune_config.scaling)
+    build_trainer(FINETUNE, finetune_config, name=f"train-{trial_id}", callbacks=[TuneReportCallback()],
+                  queued=True).fit()
 
 
 def check_trial_schedules(config: TuneConfig) -> None:
