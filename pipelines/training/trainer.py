@@ -3,7 +3,8 @@
 ``build_trainer(recipe, config)`` sets ``ScalingConfig`` (workers, CPUs/GPUs per worker) and
 ``RunConfig(name, storage_path)``; the name is deterministic (the config's hash unless given), so
 rerunning the same config on the same storage *resumes* (Train v2 reads the latest checkpoint back),
-and ``FailureConfig(max_failures)`` restarts a killed worker group from the last checkpoint. Tune
+and ``FailureConfig(max_failures)`` restarts a killed worker group from the last checkpoint; a worker group
+Ray cannot place within ``scaling.wait_for_workers_s`` fails the stage, naming what is missing. Tune
 wraps the same builder: ``build_trainer(..., name=f"train-{trial_id}", callbacks=[TuneReportCallback()])``
 inside a function trainable.
 """
