@@ -83,19 +83,27 @@ class StageProgress:
 
     On a terminal it is a tqdm bar on stderr; otherwise (logs, `ray job logs`, CI) one line every
     `line_every_s` seconds, so a log file does not fill with carriage-return redraws.
+
+    It also says when the stage's workers wait for resources: a placement group of this job pending for
+    `wait_note_after_s` gets a line every `wait_line_every_s` (what it asks, for how long, and whether any
+    alive node could hold it), so a cluster short of a node type is not a silent hang.
     """
 
     def __init__(self, client: Any, experiment_id: str, stage: str, stage_run_id: str,
-                 stream: TextIO | None = None, poll_s: float = 5.0, line_every_s: float = 15.0) -> None:
+                 stream: TextIO | None = None, poll_s: float = 5.0, line_every_s: float = 15.0,
+                 wait_note_after_s: float = 30.0, wait_line_every_s: float = 60.0) -> None:
         import threading
 
         self.client, self.experiment_id, self.stage, self.root = client, experiment_id, stage, stage_run_id
         self.stream = stream or sys.stderr
         self.poll_s, self.line_every_s = poll_s, line_every_s
+        self.wait_note_after_s, self.wait_line_every_s = wait_note_after_s, wait_line_every_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"progress-{stage}", daemon=True)
         self._bar: Any = None
         self._last_line = time.time()
+        self._pending_since: dict[str, float] = {}
+        self._last_wait_line = 0.0
 
     def __enter__(self) -> StageProgress:
         self._thread.start()
@@ -130,11 +138,47 @@ class StageProgress:
     def _loop(self) -> None:
         while not self._stop.wait(self.poll_s):
             try:
+                self._note_waiting()
+            except Exception:  # noqa: BLE001 - best effort, as below; Ray may be shutting down
+                pass
+            try:
                 state = self.snapshot()
             except Exception:  # noqa: BLE001 - progress is best effort; a busy SQLite store must not fail a stage
                 continue
             if state is not None:
                 self._show(state)
+
+    def waiting_note(self) -> str | None:
+        """One line about this job's placement groups pending for ``wait_note_after_s`` or more; None if none."""
+        import ray
+
+        from pipelines.session import format_resources, pending_placement_groups
+
+        if not ray.is_initialized():
+            return None
+        now = time.time()
+        pending = pending_placement_groups()
+        self._pending_since = {pg: self._pending_since.get(pg, now) for pg in pending}
+        waiting = {pg: now - since for pg, since in self._pending_since.items() if now - since >= self.wait_note_after_s}
+        if not waiting:
+            return None
+        longest = max(waiting, key=waiting.get)
+        bundles = pending[longest]["bundles"]
+        asks = (f"{len(bundles)} x {format_resources(bundles[0])}" if all(b == bundles[0] for b in bundles)
+                else " + ".join(format_resources(b) for b in bundles))
+        why = "no alive node has them" if pending[longest]["infeasible"] else "in use or not free on one node"
+        others = f" (and {len(waiting) - 1} more groups)" if len(waiting) > 1 else ""
+        return f"{self.stage}: waiting {waiting[longest]:.0f} s for Ray to place {asks}: {why}{others}"
+
+    def _note_waiting(self) -> None:
+        note = self.waiting_note()
+        if note is None or time.time() - self._last_wait_line < self.wait_line_every_s:
+            return
+        self._last_wait_line = time.time()
+        if self._bar is not None:
+            self._bar.write(f"      {note}", file=self.stream)
+        else:
+            print(f"      {note}", file=self.stream, flush=True)
 
     def _show(self, state: dict[str, float]) -> None:
         extra = ", ".join(f"{key} {state[key]:.4g}" for key in ("loss", "val_AP") if state.get(key) is not None)

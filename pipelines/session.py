@@ -329,6 +329,25 @@ def own_placement_groups() -> set[str]:
             if pg_id.endswith(job) and info["state"] != "REMOVED"}
 
 
+def format_resources(resources: dict[str, float]) -> str:
+    """``{CPU: 0.5, gpu_node: 0.5}``: Ray resources as a person reads them (no per-node or memory entries)."""
+    shown = {k: v for k, v in sorted(resources.items())
+             if not k.startswith(("node:", "accelerator_type:")) and k not in ("memory", "object_store_memory")}
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in shown.items()) + "}"
+
+
+def pending_placement_groups() -> dict[str, dict[str, Any]]:
+    """This job's placement groups that wait for resources: id -> ``{"bundles": [...], "infeasible": bool}``
+    (infeasible: no alive node could ever hold a bundle, e.g. the node type is gone)."""
+    import ray
+
+    job = ray.get_runtime_context().get_job_id()
+    return {pg_id: {"bundles": list(info["bundles"].values()),
+                    "infeasible": info.get("stats", {}).get("scheduling_state") == "INFEASIBLE"}
+            for pg_id, info in ray.util.placement_group_table().items()
+            if pg_id.endswith(job) and info["state"] == "PENDING"}
+
+
 def release_placement_groups(before: set[str]) -> None:
     """Remove the placement groups a finished stage left behind.
 

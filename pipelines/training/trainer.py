@@ -61,10 +61,7 @@ def workers_not_placed(stage: str, scaling: ScalingSection) -> WorkersNotPlacedE
     """What the stage asked, what the alive nodes have and what is free now, and what to change."""
     import ray
 
-    def show(resources: dict[str, float]) -> str:
-        shown = {k: v for k, v in sorted(resources.items())
-                 if not k.startswith(("node:", "accelerator_type:")) and k not in ("memory", "object_store_memory")}
-        return "{" + ", ".join(f"{k}: {v:g}" for k, v in shown.items()) + "}"
+    from pipelines.session import format_resources as show
 
     per_worker = worker_resources(scaling)
     needed = {k: v * scaling.num_workers for k, v in per_worker.items()}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -211,10 +212,14 @@ def test_finetune_fed_by_ray_data_transform_tasks(tiny_shards, tmp_path):
 
 
 def test_workers_the_cluster_cannot_place_fail_after_the_wait_naming_the_resource(tiny_shards, tmp_path, monkeypatch):
-    """A run pinned to a node type the cluster lacks (as after losing the only node of that type) fails once
-    scaling.wait_for_workers_s is spent, with one line that names the short resource and the alive nodes;
-    without the limit Ray Train retries the placement forever without a word."""
+    """A run pinned to a node type the cluster lacks (as after losing the only node of that type) says that it
+    waits while it waits (the pipeline's progress lines), and fails once scaling.wait_for_workers_s is spent,
+    with one line that names the short resource and the alive nodes; without the limit Ray Train retries the
+    placement forever without a word."""
+    import io
+
     from pipelines.cli import user_error_message
+    from pipelines.progress import StageProgress
     from pipelines.training.trainer import WorkersNotPlacedError
 
     monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "2")  # per attempt; reaches Train's controller
@@ -222,9 +227,14 @@ def test_workers_the_cluster_cannot_place_fail_after_the_wait_naming_the_resourc
                                                       "scaling.node_resources": "{gpu_node: 0.5}",
                                                       "scaling.wait_for_workers_s": 5})
     started = time.monotonic()
-    with pytest.raises(WorkersNotPlacedError) as raised:
+    console = io.StringIO()
+    # the stage's progress thread (MLflow is off here: its step count has nothing to read, the wait note still runs)
+    with pytest.raises(WorkersNotPlacedError) as raised, \
+            StageProgress(None, "0", "finetune", "none", stream=console, poll_s=0.5, wait_note_after_s=1):
         run_finetune(config, name="ft-unplaceable")
     waited = time.monotonic() - started
+    assert re.search(r"finetune: waiting \d+ s for Ray to place 2 x \{CPU: 0.25, gpu_node: 0.5\}: "
+                     r"no alive node has them", console.getvalue()), console.getvalue()
     assert 5 <= waited < 120, waited  # 3 attempts of 2 s, plus Train's start-up
     message = user_error_message(raised.value)
     assert message.startswith("finetune: Ray could not place 2 Train workers of {CPU: 0.25, gpu_node: 0.5} "
