@@ -245,9 +245,15 @@ def test_node_loss_resumes_from_the_s3_checkpoint_in_one_mlflow_run(rehearsal):
     _submit_no_wait(rehearsal, command, submission_id)
     try:
         deadline = time.time() + 1500
-        while time.time() < deadline:  # the first S3 checkpoint of the finetune Train run, with both workers up
-            checkpoints = [k for k in _keys(rehearsal, f"{name}/finetune/train/") if "/checkpoint_" in k]
-            if checkpoints and len(_train_worker_nodes(rehearsal, "ALIVE")) == 2:
+        # the first checkpoint of the finetune Train run that Train has registered, with both workers up.
+        # Registered, not only uploaded: rank 0 uploads before every rank has reported, and a node lost in
+        # between leaves Train no checkpoint to resume (the restart begins at step 0 in a new MLflow run; that
+        # happened once in a full suite, 2026-12-01). Train writes checkpoint_manager_snapshot.json when it
+        # registers one.
+        while time.time() < deadline:
+            keys = _keys(rehearsal, f"{name}/finetune/train/")
+            registered = any(k.endswith("/checkpoint_manager_snapshot.json") for k in keys)
+            if registered and len(_train_worker_nodes(rehearsal, "ALIVE")) == 2:
                 break
             assert _job_details(rehearsal, submission_id)["status"] in ("PENDING", "RUNNING"), \
                 _job_logs(rehearsal, submission_id)[-4000:]
