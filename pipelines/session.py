@@ -320,13 +320,17 @@ def _is_connection_failure(error: BaseException) -> bool:
     return any(isinstance(inner, requests.exceptions.RequestException) for inner in (error.__cause__, error.__context__))
 
 
-def own_placement_groups() -> set[str]:
-    """Ids of this job's placement groups that still hold resources (job id = the id's last 4 bytes)."""
+def _own_placement_group_table() -> dict[str, dict[str, Any]]:
+    """Ray's placement group table, this job's entries only (job id = the id's last 4 bytes)."""
     import ray
 
     job = ray.get_runtime_context().get_job_id()
-    return {pg_id for pg_id, info in ray.util.placement_group_table().items()
-            if pg_id.endswith(job) and info["state"] != "REMOVED"}
+    return {pg_id: info for pg_id, info in ray.util.placement_group_table().items() if pg_id.endswith(job)}
+
+
+def own_placement_groups() -> set[str]:
+    """Ids of this job's placement groups that still hold resources."""
+    return {pg_id for pg_id, info in _own_placement_group_table().items() if info["state"] != "REMOVED"}
 
 
 def format_resources(resources: dict[str, float]) -> str:
@@ -339,13 +343,9 @@ def format_resources(resources: dict[str, float]) -> str:
 def pending_placement_groups() -> dict[str, dict[str, Any]]:
     """This job's placement groups that wait for resources: id -> ``{"bundles": [...], "infeasible": bool}``
     (infeasible: no alive node could ever hold a bundle, e.g. the node type is gone)."""
-    import ray
-
-    job = ray.get_runtime_context().get_job_id()
     return {pg_id: {"bundles": list(info["bundles"].values()),
                     "infeasible": info.get("stats", {}).get("scheduling_state") == "INFEASIBLE"}
-            for pg_id, info in ray.util.placement_group_table().items()
-            if pg_id.endswith(job) and info["state"] == "PENDING"}
+            for pg_id, info in _own_placement_group_table().items() if info["state"] == "PENDING"}
 
 
 def release_placement_groups(before: set[str]) -> None:

@@ -53,8 +53,11 @@ def placement_attempts(scaling: ScalingSection) -> int:
     Without a limit Train retries forever: on a fixed-size cluster that lost a node the job needs, it would
     wait without a word.
     """
-    per_attempt = float(os.environ.get(PLACEMENT_WAIT_ENV, 60))
-    return max(1, math.ceil(scaling.wait_for_workers_s / per_attempt))
+    return max(1, math.ceil(scaling.wait_for_workers_s / _seconds_per_placement_attempt()))
+
+
+def _seconds_per_placement_attempt() -> float:
+    return float(os.environ.get(PLACEMENT_WAIT_ENV, 60))
 
 
 def workers_not_placed(stage: str, scaling: ScalingSection) -> WorkersNotPlacedError:
@@ -69,7 +72,7 @@ def workers_not_placed(stage: str, scaling: ScalingSection) -> WorkersNotPlacedE
     short = [f"{k} {v:g} needed, {free.get(k, 0):g} free" for k, v in needed.items() if v > free.get(k, 0) + 1e-9]
     nodes = [node for node in ray.nodes() if node.get("Alive")]
     listed = "; ".join(f"{node['NodeManagerAddress']} {show(node['Resources'])}" for node in nodes)
-    waited = placement_attempts(scaling) * float(os.environ.get(PLACEMENT_WAIT_ENV, 60))
+    waited = placement_attempts(scaling) * _seconds_per_placement_attempt()
     shortage = (f"Short: {', '.join(short)}." if short else
                 "Enough is free in total, but split across nodes so that some worker fits on none.")
     return WorkersNotPlacedError(
@@ -78,20 +81,6 @@ def workers_not_placed(stage: str, scaling: ScalingSection) -> WorkersNotPlacedE
         f"Alive nodes ({len(nodes)}): {listed}. A node the run needs may have been lost: add nodes (or let an "
         "autoscaler do it), lower scaling.num_workers or the per-worker resources, or raise "
         "scaling.wait_for_workers_s; the same command then resumes from the last checkpoint")
-
-
-def fit_trainer(trainer: Any, stage: str, scaling: ScalingSection):
-    """``trainer.fit()``, with Train's placement give-up (a ControllerError around a worker-group start-up
-    timeout) as a `WorkersNotPlacedError` that names the resources."""
-    import ray.train
-
-    try:
-        return trainer.fit()
-    except ray.train.ControllerError as error:
-        # the class is internal to Train v2: matched by name, so a rename leaves Ray's own error standing
-        if type(getattr(error, "controller_failure", None)).__name__ != "WorkerGroupStartupTimeoutError":
-            raise
-        raise workers_not_placed(stage, scaling) from error
 
 
 def worker_resources(scaling: ScalingSection) -> dict[str, float]:
@@ -173,12 +162,20 @@ def fit(recipe: TrainingRecipe, config: Any, **trainer_kwargs: Any):
     import signal
     import threading
 
+    import ray.train
+
     from pipelines import session
 
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGINT) if main_thread else None
     try:
-        result = fit_trainer(build_trainer(recipe, config, **trainer_kwargs), recipe.name, config.scaling)
+        result = build_trainer(recipe, config, **trainer_kwargs).fit()
+    except ray.train.ControllerError as error:
+        # Train's placement give-up (a worker-group start-up timeout); the class is internal to Train v2, so it
+        # is matched by name and a rename leaves Ray's own error standing
+        if type(getattr(error, "controller_failure", None)).__name__ != "WorkerGroupStartupTimeoutError":
+            raise
+        raise workers_not_placed(recipe.name, config.scaling) from error
     except SystemExit as exit_:
         session.STOPPED_BY = session.STOPPED_BY or "SIGINT"
         raise KeyboardInterrupt(f"stopped by signal {session.STOPPED_BY}") from exit_
